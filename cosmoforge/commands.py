@@ -1,0 +1,163 @@
+"""Core commands: validate, crd, prompts, run, worker, serve-model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("validate", help="check a GenerationRun file; one line per problem")
+    p.add_argument("file")
+    p.set_defaults(func=validate)
+
+    p = subparsers.add_parser("crd", help="write the GenerationRun CRD generated from the spec model")
+    p.add_argument("--out", help="file to write (default: stdout)")
+    p.set_defaults(func=crd)
+
+    p = subparsers.add_parser("prompts", help="build a run's prompts without generating")
+    p.add_argument("file")
+    p.add_argument("--out", required=True, help="folder or URI for prompts parquet")
+    p.add_argument("--limit", type=int, help="stop after this many prompts")
+    p.set_defaults(func=prompts)
+
+    p = subparsers.add_parser("run", help="run a spec end to end on this machine (embedded mode)")
+    p.add_argument("file")
+    p.add_argument("--out", help="output folder or URI (default: spec.output.uri)")
+    p.set_defaults(func=run)
+
+    p = subparsers.add_parser("worker", help="a generator worker: JetStream -> inference -> shards")
+    p.add_argument("--nats", required=True, help="NATS URL")
+    p.add_argument("--out", required=True, help="the run's output URI (parent of the run folder)")
+    p.add_argument("--run", required=True, help="run name; the spec is read from <out>/<run>/spec.yaml")
+    p.add_argument("--endpoint", required=True, help="inference server base URL")
+    p.add_argument("--worker-id")
+    p.set_defaults(func=worker)
+
+    p = subparsers.add_parser("serve-model", help="serve the embedded model with TGI's and OpenAI's APIs")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--context", type=int, default=2048, help="context length in tokens")
+    p.add_argument("--threads", type=int, help="CPU threads for llama.cpp")
+    p.set_defaults(func=serve_model)
+
+
+def _load(path: str) -> Any:
+    from cosmoforge.spec import SpecError
+    from cosmoforge.validation import load_file
+
+    try:
+        return load_file(path)
+    except SpecError as error:
+        for field, reason in error.problems:
+            print(f"{error.source}: {field}: {reason}", file=sys.stderr)
+        return None
+
+
+def validate(args: argparse.Namespace) -> int:
+    run = _load(args.file)
+    if run is None:
+        return 1
+    print(f"{args.file}: valid GenerationRun {run.name!r} ({len(run.spec.seeds)} seed sources)")
+    return 0
+
+
+def crd(args: argparse.Namespace) -> int:
+    from cosmoforge.crd import crd_yaml
+
+    text = crd_yaml()
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def prompts(args: argparse.Namespace) -> int:
+    import itertools
+
+    from cosmoforge.prompts import build_prompts
+    from cosmoforge.runner import write_prompts
+    from cosmoforge.seeds import SeedError
+    from cosmoforge.storage import RunStore
+
+    run = _load(args.file)
+    if run is None:
+        return 1
+    store = RunStore(*_fs_root(args.out))
+    try:
+        count = write_prompts(store, itertools.islice(build_prompts(run), args.limit))
+    except SeedError as error:
+        print(f"seed error: {error}", file=sys.stderr)
+        return 2
+    print(f"{count} prompts written to {store.url('prompts')}")
+    return 0
+
+
+def _fs_root(uri: str) -> tuple[Any, str, str]:
+    import os
+
+    from fsspec.core import url_to_fs
+
+    uri = uri if "://" in uri else os.path.abspath(uri)
+    fs, root = url_to_fs(uri)
+    return fs, root.rstrip("/"), uri.rstrip("/")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from cosmoforge.runner import run_embedded, summary_table
+    from cosmoforge.seeds import SeedError
+
+    spec = _load(args.file)
+    if spec is None:
+        return 1
+    console = Console(stderr=True)
+    try:
+        summary = run_embedded(spec, args.out, console)
+    except SeedError as error:
+        console.print(f"[red]seed error:[/] {error}")
+        return 2
+    console.print(summary_table(summary))
+    print(f"{summary.output}/dataset")
+    return 0 if summary.failed == 0 else 3
+
+
+def worker(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    import yaml
+
+    from cosmoforge.generator import WorkerConfig, run_worker
+    from cosmoforge.spec import parse_run
+    from cosmoforge.storage import RunStore
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    store = RunStore.open(args.out, args.run)
+    text = store.read_text("spec.yaml")
+    if text is None:
+        print(f"no spec.yaml under {store.uri}", file=sys.stderr)
+        return 2
+    spec = parse_run(yaml.safe_load(text), store.url("spec.yaml"))
+    config = WorkerConfig(
+        nats_url=args.nats,
+        run=args.run,
+        output_uri=args.out,
+        endpoint=args.endpoint,
+        generation=spec.spec.generation,
+    )
+    if args.worker_id:
+        config.worker_id = args.worker_id
+    asyncio.run(run_worker(config))
+    return 0
+
+
+def serve_model(args: argparse.Namespace) -> int:
+    from cosmoforge.modelserver import serve
+
+    serve(args.host, args.port, n_ctx=args.context, threads=args.threads)
+    return 0

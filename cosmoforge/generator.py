@@ -1,0 +1,267 @@
+"""Generator worker: pull prompts from JetStream, call the inference server, write shards, ack.
+
+Delivery is at-least-once; the effect is exactly-once because a message is acked only after
+the shard holding its completion is durable, and compaction keeps one row per prompt id. A
+worker killed at any point loses nothing: unacked prompts come back after `ack_wait`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import nats
+import pyarrow as pa
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+
+from cosmoforge import queue, records
+from cosmoforge.inference import Backend, InferenceError, backend_for, complete_with_retries
+from cosmoforge.spec import GenerationSpec
+from cosmoforge.storage import FAILURES, GENERATIONS, RunStore
+
+log = logging.getLogger("cosmoforge.generator")
+
+
+@dataclass
+class WorkerConfig:
+    nats_url: str
+    run: str
+    output_uri: str
+    endpoint: str
+    generation: GenerationSpec
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    flush_seconds: float = 2.0
+    # Short on purpose: heartbeats keep live work alive, so only a dead worker's prompts wait it out.
+    ack_wait: float = 30.0
+
+
+def sampling_json(spec: GenerationSpec) -> str:
+    data = spec.sampling.model_dump(mode="json", exclude_none=True)
+    data["max_new_tokens"] = spec.max_new_tokens
+    return json.dumps(data, sort_keys=True)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class ShardWriter:
+    """Buffers results; a flush writes the shard(s) first and only then acks their messages."""
+
+    def __init__(self, store: RunStore, worker_id: str, shard_size: int):
+        self.store, self.worker_id, self.shard_size = store, worker_id, shard_size
+        self.done: list[tuple[dict[str, Any], Msg]] = []
+        self.failed: list[tuple[dict[str, Any], Msg]] = []
+        self.first_at: float | None = None
+        self.seq = 0
+        self.lock = asyncio.Lock()
+
+    def __len__(self) -> int:
+        return len(self.done) + len(self.failed)
+
+    def add(self, row: dict[str, Any], msg: Msg, failed: bool = False) -> None:
+        (self.failed if failed else self.done).append((row, msg))
+        self.first_at = self.first_at or time.monotonic()
+
+    def due(self, flush_seconds: float) -> bool:
+        if not self:
+            return False
+        assert self.first_at is not None
+        return len(self) >= self.shard_size or time.monotonic() - self.first_at >= flush_seconds
+
+    def messages(self) -> list[Msg]:
+        return [msg for _, msg in self.done + self.failed]
+
+    async def flush(self, nc: nats.NATS) -> tuple[int, int, int]:
+        async with self.lock:
+            done, failed = self.done, self.failed
+            self.done, self.failed, self.first_at = [], [], None
+            if not done and not failed:
+                return 0, 0, 0
+            name = f"{self.worker_id}-{self.seq:06d}-{uuid.uuid4().hex[:8]}.parquet"
+            self.seq += 1
+            try:
+                if done:
+                    table = pa.Table.from_pylist([row for row, _ in done], schema=records.GENERATIONS)
+                    await asyncio.to_thread(self.store.write_table, f"{GENERATIONS}/{name}", table)
+                if failed:
+                    table = pa.Table.from_pylist([row for row, _ in failed], schema=records.FAILURES)
+                    await asyncio.to_thread(self.store.write_table, f"{FAILURES}/{name}", table)
+            except Exception:
+                # Nothing is durable: hand every prompt back for another delivery right away.
+                for _, msg in done + failed:
+                    with contextlib.suppress(Exception):
+                        await msg.nak()
+                raise
+            # Durable now: acknowledge. A lost ack only causes a redelivery that compaction absorbs.
+            for _, msg in done:
+                await msg.ack()
+            for _, msg in failed:
+                await msg.term()
+            await nc.flush()
+            tokens = sum(row["completion_tokens"] or 0 for row, _ in done)
+            return len(done), len(failed), tokens
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, backend: Backend | None = None):
+        self.config = config
+        self.spec = config.generation
+        self.backend = backend or backend_for(self.spec, config.endpoint)
+        self.store = RunStore.open(config.output_uri, config.run)
+        self.writer = ShardWriter(self.store, config.worker_id, self.spec.shard_size)
+        self.in_flight: set[asyncio.Task[None]] = set()
+        self.working: dict[int, Msg] = {}
+        self.stopping = asyncio.Event()
+        self.sampling = sampling_json(self.spec)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def run(self) -> None:
+        nc = await nats.connect(
+            self.config.nats_url,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            name=f"generator-{self.config.worker_id}",
+        )
+        js = nc.jetstream()
+        sub = await js.pull_subscribe(
+            queue.prompts_subject(self.config.run),
+            durable=queue.CONSUMER,
+            stream=queue.stream_name(self.config.run),
+        )
+        background = [
+            asyncio.create_task(self._heartbeat()),
+            asyncio.create_task(self._flusher(nc)),
+        ]
+        try:
+            await self._pull(sub)
+            if self.in_flight:
+                await asyncio.wait(self.in_flight)
+            await self._flush(nc)
+        finally:
+            for task in background:
+                task.cancel()
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            await self.backend.close()
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+    async def _pull(self, sub: Any) -> None:
+        while not self.stopping.is_set():
+            free = self.spec.concurrency - len(self.in_flight)
+            if free <= 0:
+                await asyncio.wait(self.in_flight, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            try:
+                messages = await sub.fetch(batch=free, timeout=1.0)
+            except (TimeoutError, NatsTimeout):
+                continue
+            except Exception as error:  # connection lost or server restarting: wait and pull again
+                log.warning("fetch failed (%s); retrying", error)
+                await asyncio.sleep(0.5)
+                continue
+            for msg in messages:
+                task = asyncio.create_task(self._handle(msg))
+                self.in_flight.add(task)
+                task.add_done_callback(self.in_flight.discard)
+
+    async def _handle(self, msg: Msg) -> None:
+        self.working[id(msg)] = msg
+        try:
+            await self._generate(msg)
+        finally:
+            self.working.pop(id(msg), None)
+
+    async def _generate(self, msg: Msg) -> None:
+        try:
+            prompt = json.loads(msg.data)
+            base = {name: prompt.get(name) for name in records.PROMPTS.names}
+        except (ValueError, AttributeError):
+            log.error("dropping a message that is not a prompt record: %r", msg.data[:200])
+            await msg.term()
+            return
+        delivered = msg.metadata.num_delivered or 1
+        started = _now()
+        try:
+            completion = await complete_with_retries(self.backend, prompt["prompt"])
+        except InferenceError as error:
+            if error.transient and delivered < self.spec.max_attempts:
+                await msg.nak(delay=min(2.0**delivered, 60.0))
+                return
+            self.writer.add(
+                {
+                    **base,
+                    "error_kind": error.kind,
+                    "error": str(error)[:2000],
+                    "attempts": delivered,
+                    "failed_at": _now(),
+                    "worker": self.config.worker_id,
+                },
+                msg,
+                failed=True,
+            )
+            return
+        self.writer.add(
+            {
+                **base,
+                "text": completion.text,
+                "model": completion.model,
+                "engine": str(self.spec.engine),
+                "sampling": self.sampling,
+                "prompt_tokens": completion.prompt_tokens,
+                "completion_tokens": completion.completion_tokens,
+                "finish_reason": completion.finish_reason,
+                "started_at": started,
+                "finished_at": _now(),
+                "worker": self.config.worker_id,
+                "attempt": delivered,
+            },
+            msg,
+        )
+
+    async def _flush(self, nc: nats.NATS) -> None:
+        done, failed, tokens = await self.writer.flush(nc)
+        if done or failed:
+            event = {"worker": self.config.worker_id, "generated": done, "failed": failed, "tokens": tokens}
+            with contextlib.suppress(Exception):
+                await nc.publish(queue.events_subject(self.config.run), queue.encode(event))
+
+    async def _flusher(self, nc: nats.NATS) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            if self.writer.due(self.config.flush_seconds):
+                try:
+                    await self._flush(nc)
+                except Exception as error:  # storage hiccup: messages stay unacked and come back
+                    log.error("writing a shard failed: %s", error)
+
+    async def _heartbeat(self) -> None:
+        """Tell JetStream that long generations are still being worked on."""
+        interval = max(0.5, self.config.ack_wait / 3)
+        while True:
+            await asyncio.sleep(interval)
+            for msg in [*self.working.values(), *self.writer.messages()]:
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
+
+
+async def run_worker(config: WorkerConfig) -> None:
+    worker = Worker(config)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, worker.stop)
+    await worker.run()

