@@ -14,6 +14,8 @@ import sys
 # Modules that register commands, in the order `cosmo --help` lists them.
 COMMAND_MODULES = [
     "cosmoforge.commands",
+    "cosmoforge.commands_train",
+    "cosmoforge.commands_cluster",
 ]
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from cosmoforge import records
 from cosmoforge.storage import DATASET, FAILURES, GENERATIONS, RunStore
@@ -80,6 +81,16 @@ def compact(store: RunStore, keep: set[str] | None = None) -> Compacted:
         files=files,
         tokens=tokens,
     )
+
+
+def read_dataset(store: RunStore, columns: list[str] | None = None) -> pa.Table | None:
+    """The compacted documents (without the failure table that sits beside them)."""
+    tables = []
+    for path in store.list_parquet(DATASET):
+        if path.rsplit("/", 1)[-1].startswith("data-"):
+            with store.fs.open(path, "rb") as handle:
+                tables.append(pq.read_table(handle, columns=columns))
+    return pa.concat_tables(tables) if tables else None
 
 
 def dataset_card(run_name: str, spec_yaml: str, result: Compacted, models: list[str]) -> str:

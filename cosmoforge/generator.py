@@ -142,6 +142,10 @@ class Worker:
             durable=queue.CONSUMER,
             stream=queue.stream_name(self.config.run),
         )
+        # The consumer's ack_wait (set by whoever owns the topology) paces the heartbeats.
+        consumer = await js.consumer_info(queue.stream_name(self.config.run), queue.CONSUMER)
+        if consumer.config.ack_wait:
+            self.config.ack_wait = float(consumer.config.ack_wait)
         background = [
             asyncio.create_task(self._heartbeat()),
             asyncio.create_task(self._flusher(nc)),

@@ -13,7 +13,7 @@ import itertools
 import random
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -50,7 +50,8 @@ class Prompt:
     prompt: str
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Flat and called once per prompt: a plain copy is ~10x faster than dataclasses.asdict.
+        return dict(vars(self))
 
 
 @dataclass(frozen=True)

@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 
 import httpx
 import nats
-from nats.aio.msg import Msg
 import pyarrow as pa
+from nats.aio.msg import Msg
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cosmoforge import queue, records
-from cosmoforge.compact import Compacted, compact, dataset_card
+from cosmoforge.compact import Compacted, compact, dataset_card, read_dataset
 from cosmoforge.prompts import Prompt, build_prompts
 from cosmoforge.spec import GenerationRun, dump_run
 from cosmoforge.storage import GENERATIONS, PROMPTS, RunStore
@@ -186,16 +186,19 @@ async def _drive(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        TextColumn("{task.fields[queued]} queued"),
         TextColumn("{task.fields[rate]:.0f} tok/s"),
         TimeElapsedColumn(),
     ]
     try:
         with Progress(*columns, console=console, transient=False) as progress:
-            task = progress.add_task("generating", total=summary.published, rate=0.0)
+            task = progress.add_task(
+                "generating", total=summary.published, rate=0.0, queued=summary.published
+            )
             while True:
                 left = await queue.remaining(js, run.name)
                 elapsed = max(1e-6, time.monotonic() - started)
-                progress.update(task, completed=summary.published - left, rate=tokens / elapsed)
+                progress.update(task, completed=summary.published - left, queued=left, rate=tokens / elapsed)
                 if left == 0:
                     break
                 pool.supervise()
@@ -246,7 +249,7 @@ def run_embedded(run: GenerationRun, output: str | None = None, console: Console
 
 
 def _models(store: RunStore) -> list[str]:
-    table = store.read_folder("dataset", columns=["model"])
+    table = read_dataset(store, columns=["model"])
     return sorted(set(table.column("model").to_pylist())) if table is not None else []
 
 

@@ -166,6 +166,55 @@ class Sampling(Strict):
     stop: list[str] = Field(default_factory=list, max_length=8)
 
 
+K8S_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
+
+
+class SecretKeyRef(Strict):
+    """A key of a Secret in the run's namespace: the secret value never appears in a spec."""
+
+    name: str = Field(pattern=K8S_NAME, max_length=253)
+    key: str = Field(default="token", min_length=1)
+
+
+class Toleration(Strict):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(default=None, ge=0)
+
+
+class ModelCache(Strict):
+    claim_name: str = Field(
+        pattern=K8S_NAME,
+        max_length=253,
+        description="Existing PersistentVolumeClaim that keeps model weights.",
+    )
+    sub_path: str | None = None
+
+
+class ServingSpec(Strict):
+    """How the operator deploys the inference server; unused with an endpoint."""
+
+    image: str | None = Field(
+        default=None, description="Image repository; default: the operator's pinned one."
+    )
+    tag: str | None = Field(default=None, description="Image tag; default: the operator's pinned one.")
+    hf_token_secret: SecretKeyRef | None = Field(
+        default=None, description="Secret key holding a Hugging Face token (gated models)."
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    model_cache: ModelCache | None = None
+    shm_size: str = Field(default="1Gi", pattern=QUANTITY, description="Size of the /dev/shm memory volume.")
+    cpu: str | None = Field(default=None, pattern=QUANTITY, description="CPU request per replica.")
+    memory: str | None = Field(default=None, pattern=QUANTITY, description="Memory request and limit.")
+    max_input_tokens: int | None = Field(default=None, ge=1)
+    max_total_tokens: int | None = Field(default=None, ge=2)
+    extra_args: list[str] = Field(default_factory=list, description="Extra server arguments.")
+
+
 class GenerationSpec(Strict):
     model: str = Field(default="mistralai/Mixtral-8x7B-Instruct-v0.1", min_length=1)
     revision: str | None = None
@@ -185,6 +234,10 @@ class GenerationSpec(Strict):
     replicas: Replicas = Field(default_factory=Replicas)
     gpus_per_replica: int = Field(default=1, ge=0, le=16)
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    serving: ServingSpec = Field(default_factory=ServingSpec)
+    api_key_secret: SecretKeyRef | None = Field(
+        default=None, description="Secret key with the endpoint's API key (OPENAI_API_KEY, HF_TOKEN)."
+    )
 
     @field_validator("endpoint")
     @classmethod

@@ -33,7 +33,10 @@ def s3_endpoint() -> Iterator[str]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    saved = {
+        k: os.environ.get(k)
+        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    }
     os.environ.update(
         AWS_ENDPOINT_URL=endpoint,
         AWS_ACCESS_KEY_ID="testing",
@@ -76,7 +79,13 @@ def small_run(name: str = "tiny", **generation: Any) -> dict[str, Any]:
         "metadata": {"name": name},
         "spec": {
             "seeds": [
-                {"name": "web", "kind": "web", "uri": "cosmoforge://samples/web.jsonl", "idField": "id", "topicField": "topic"},
+                {
+                    "name": "web",
+                    "kind": "web",
+                    "uri": "cosmoforge://samples/web.jsonl",
+                    "idField": "id",
+                    "topicField": "topic",
+                },
                 {"name": "math", "kind": "math", "uri": "cosmoforge://samples/math.jsonl", "idField": "id"},
             ],
             "prompts": {"seed": 3},

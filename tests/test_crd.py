@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import EXAMPLES, REPO, small_run
 from openapi_schema_validator import OAS30Validator
 
-from conftest import EXAMPLES, REPO, small_run
 from cosmoforge.crd import crd_yaml, custom_resource_definition
 from cosmoforge.spec import parse_run
 
@@ -21,7 +21,9 @@ def _schema() -> dict[str, Any]:
 
 
 def test_checked_in_crd_matches_the_model() -> None:
-    assert CRD_FILE.read_text() == crd_yaml(), "CRD drifted from cosmoforge.spec: run `make crd` and commit it"
+    assert CRD_FILE.read_text() == crd_yaml(), (
+        "CRD drifted from cosmoforge.spec: run `make crd` and commit it"
+    )
 
 
 def test_crd_names_status_and_printer_columns() -> None:

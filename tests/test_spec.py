@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
-
 from conftest import EXAMPLES, small_run, write_spec
+
 from cosmoforge.cli import main
 from cosmoforge.spec import Engine, GenerationRun, SpecError, dump_run, load_run, parse_run
 
@@ -22,7 +22,12 @@ def test_quickstart_is_valid_and_defaults_follow_the_recipe() -> None:
     assert run.spec.generation.engine == Engine.embedded
     defaults = parse_run(small_run()).spec
     assert defaults.prompts.topic_conditioning == 0.5
-    assert set(defaults.prompts.audiences) == {"young_children", "high_school_students", "college_students", "researchers"}
+    assert set(defaults.prompts.audiences) == {
+        "young_children",
+        "high_school_students",
+        "college_students",
+        "researchers",
+    }
     assert set(defaults.prompts.styles) == {"textbook", "blog_post", "wikihow"}
     assert defaults.postprocess.decontaminate.ngram == 10
     assert defaults.postprocess.decontaminate.threshold == 0.5
@@ -59,32 +64,106 @@ BAD_SPECS = [
     # (what is wrong, path to change, new value, expected field, expected reason fragment)
     ("unknown field", "spec.generation.temprature", 0.7, "spec.generation.temprature", "unknown field"),
     ("wrong type", "spec.generation.maxNewTokens", "many", "spec.generation.maxNewTokens", "valid integer"),
-    ("out of range", "spec.generation.maxNewTokens", 0, "spec.generation.maxNewTokens", "greater than or equal to 1"),
-    ("unknown audience", "spec.prompts.audiences", ["toddlers"], "spec.prompts.audiences[0]", "young_children"),
+    (
+        "out of range",
+        "spec.generation.maxNewTokens",
+        0,
+        "spec.generation.maxNewTokens",
+        "greater than or equal to 1",
+    ),
+    (
+        "unknown audience",
+        "spec.prompts.audiences",
+        ["toddlers"],
+        "spec.prompts.audiences[0]",
+        "young_children",
+    ),
     ("unknown style", "spec.prompts.styles", ["poem"], "spec.prompts.styles[0]", "textbook"),
     ("unknown engine", "spec.generation.engine", "ollama", "spec.generation.engine", "'tgi'"),
-    ("threshold above 1", "spec.postprocess.decontaminate.threshold", 1.5, "spec.postprocess.decontaminate.threshold", "less than or equal to 1"),
-    ("topic share below 0", "spec.prompts.topicConditioning", -0.1, "spec.prompts.topicConditioning", "greater than or equal to 0"),
+    (
+        "threshold above 1",
+        "spec.postprocess.decontaminate.threshold",
+        1.5,
+        "spec.postprocess.decontaminate.threshold",
+        "less than or equal to 1",
+    ),
+    (
+        "topic share below 0",
+        "spec.prompts.topicConditioning",
+        -0.1,
+        "spec.prompts.topicConditioning",
+        "greater than or equal to 0",
+    ),
     ("unknown seed kind", "spec.seeds.0.kind", "tweets", "spec.seeds[0].kind", "outline"),
     ("missing seed uri", "spec.seeds.0.uri", _DELETE, "spec.seeds[0].uri", "required field is missing"),
     ("bad run name", "metadata.name", "Not_A_DNS_Name", "metadata.name", "should match pattern"),
     ("wrong api version", "apiVersion", "cosmoforge.io/v2", "apiVersion", "cosmoforge.io/v1alpha1"),
-    ("replicas min above max", "spec.generation.replicas", {"min": 4, "max": 2}, "spec.generation.replicas", "must not exceed"),
+    (
+        "replicas min above max",
+        "spec.generation.replicas",
+        {"min": 4, "max": 2},
+        "spec.generation.replicas",
+        "must not exceed",
+    ),
     ("openai without endpoint", "spec.generation.engine", "openai", "spec.generation", "needs an endpoint"),
-    ("endpoint not a URL", "spec.generation.endpoint", "localhost:8080", "spec.generation.endpoint", "http://"),
-    ("unknown benchmark", "spec.postprocess.decontaminate.benchmarks", ["mmlu", "gsm9k"], "spec.postprocess.decontaminate.benchmarks", "unknown benchmark 'gsm9k'"),
-    ("duplicate audiences", "spec.prompts.audiences", ["researchers", "researchers"], "spec.prompts.audiences", "unique"),
+    (
+        "endpoint not a URL",
+        "spec.generation.endpoint",
+        "localhost:8080",
+        "spec.generation.endpoint",
+        "http://",
+    ),
+    (
+        "unknown benchmark",
+        "spec.postprocess.decontaminate.benchmarks",
+        ["mmlu", "gsm9k"],
+        "spec.postprocess.decontaminate.benchmarks",
+        "unknown benchmark 'gsm9k'",
+    ),
+    (
+        "duplicate audiences",
+        "spec.prompts.audiences",
+        ["researchers", "researchers"],
+        "spec.prompts.audiences",
+        "unique",
+    ),
     ("duplicate seed names", "spec.seeds.1.name", "web", "spec.seeds", "repeated: web"),
     ("no seeds", "spec.seeds", [], "spec.seeds", "at least 1 item"),
-    ("bad template field", "spec.prompts.templates", {"web": "Write about {{ nonsense_field }}"}, "spec.prompts.templates.web", "unknown field"),
-    ("unknown template id", "spec.prompts.templates", {"poem": "{{ text }}"}, "spec.prompts.templates.poem", "unknown template id"),
-    ("template syntax", "spec.prompts.templates", {"web": "{% if text %}unclosed"}, "spec.prompts.templates.web", "syntax error"),
+    (
+        "bad template field",
+        "spec.prompts.templates",
+        {"web": "Write about {{ nonsense_field }}"},
+        "spec.prompts.templates.web",
+        "unknown field",
+    ),
+    (
+        "unknown template id",
+        "spec.prompts.templates",
+        {"poem": "{{ text }}"},
+        "spec.prompts.templates.poem",
+        "unknown template id",
+    ),
+    (
+        "template syntax",
+        "spec.prompts.templates",
+        {"web": "{% if text %}unclosed"},
+        "spec.prompts.templates.web",
+        "syntax error",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("what", "path", "value", "field", "reason"), BAD_SPECS, ids=[b[0] for b in BAD_SPECS])
+@pytest.mark.parametrize(
+    ("what", "path", "value", "field", "reason"), BAD_SPECS, ids=[b[0] for b in BAD_SPECS]
+)
 def test_validate_rejects_bad_specs_with_field_and_reason(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], what: str, path: str, value: Any, field: str, reason: str
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    what: str,
+    path: str,
+    value: Any,
+    field: str,
+    reason: str,
 ) -> None:
     spec = write_spec(tmp_path / "run.yaml", _set(small_run(), path, value))
     assert main(["validate", str(spec)]) == 1
@@ -93,8 +172,12 @@ def test_validate_rejects_bad_specs_with_field_and_reason(
     assert all(line.startswith(str(spec)) for line in lines)
 
 
-def test_validate_reports_every_problem_not_just_the_first(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    document = _set(_set(small_run(), "spec.generation.maxNewTokens", -1), "spec.prompts.topicConditioning", 2)
+def test_validate_reports_every_problem_not_just_the_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    document = _set(
+        _set(small_run(), "spec.generation.maxNewTokens", -1), "spec.prompts.topicConditioning", 2
+    )
     spec = write_spec(tmp_path / "run.yaml", document)
     assert main(["validate", str(spec)]) == 1
     err = capsys.readouterr().err
@@ -110,7 +193,9 @@ def test_validate_reports_every_problem_not_just_the_first(tmp_path: Path, capsy
         ("a: 1\n---\nb: 2\n", "expected one YAML document, found 2"),
     ],
 )
-def test_validate_rejects_unusable_files(tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, reason: str) -> None:
+def test_validate_rejects_unusable_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, reason: str
+) -> None:
     spec = tmp_path / "run.yaml"
     spec.write_text(content)
     assert main(["validate", str(spec)]) == 1
@@ -129,7 +214,10 @@ def test_validate_missing_file_and_non_utf8(tmp_path: Path, capsys: pytest.Captu
 def test_validate_cli_prints_no_traceback(tmp_path: Path) -> None:
     spec = write_spec(tmp_path / "run.yaml", _set(small_run(), "spec.generation.engine", "nonsense"))
     result = subprocess.run(
-        [sys.executable, "-m", "cosmoforge.cli", "validate", str(spec)], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "cosmoforge.cli", "validate", str(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
@@ -145,6 +233,8 @@ def test_every_example_is_valid(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_spec_error_lists_problems() -> None:
     with pytest.raises(SpecError) as caught:
-        parse_run({"apiVersion": "cosmoforge.io/v1alpha1", "kind": "GenerationRun", "metadata": {"name": "x"}})
+        parse_run(
+            {"apiVersion": "cosmoforge.io/v1alpha1", "kind": "GenerationRun", "metadata": {"name": "x"}}
+        )
     assert caught.value.problems == [("spec", "required field is missing")]
     assert isinstance(parse_run(small_run()), GenerationRun)
