@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="folder or URI for prompts parquet")
     p.add_argument("--limit", type=int, help="stop after this many prompts")
     p.set_defaults(func=prompts)
+
+    p = subparsers.add_parser("stats", help="duplication and opening diversity of generated documents")
+    p.add_argument("dataset", help="a dataset folder, a run folder, or a parquet file (local or URI)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    p.set_defaults(func=stats)
 
     p = subparsers.add_parser("run", help="run a spec end to end on this machine (embedded mode)")
     p.add_argument("file")
@@ -92,7 +99,44 @@ def prompts(args: argparse.Namespace) -> int:
     except SeedError as error:
         print(f"seed error: {error}", file=sys.stderr)
         return 2
-    print(f"{count} prompts written to {store.url('prompts')}")
+    summary = write_prompt_stats(store)
+    print(f"{count} prompts written to {store.url('prompts')}; stats in {store.url('stats.json')}")
+    print(
+        json.dumps({k: summary[k] for k in ("seed_source", "style", "audience", "topic_conditioned_share")})
+    )
+    return 0
+
+
+def write_prompt_stats(store: Any) -> dict[str, Any]:
+    """stats.json and distributions.png beside the prompts folder."""
+    import tempfile
+
+    from cosmoforge.stats import plot_distributions, prompt_stats
+    from cosmoforge.storage import PROMPTS
+
+    table = store.read_folder(PROMPTS)
+    summary = prompt_stats(table)
+    store.write_text("stats.json", json.dumps(summary, indent=2))
+    with tempfile.TemporaryDirectory() as folder:
+        plot_distributions(summary, f"{folder}/distributions.png")
+        store.write_bytes("distributions.png", Path(f"{folder}/distributions.png").read_bytes())
+    return summary
+
+
+def stats(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from cosmoforge.stats import StatsError, dataset_stats, stats_table
+
+    try:
+        summary = dataset_stats(args.dataset, args.text_field)
+    except StatsError as error:
+        print(f"stats: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        Console().print(stats_table(summary, title=args.dataset))
     return 0
 
 
@@ -122,6 +166,10 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[red]seed error:[/] {error}")
         return 2
     console.print(summary_table(summary))
+    if summary.stats is not None:
+        from cosmoforge.stats import stats_table
+
+        console.print(stats_table(summary.stats, title=f"{summary.run} documents"))
     print(f"{summary.output}/dataset")
     return 0 if summary.failed == 0 else 3
 

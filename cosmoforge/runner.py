@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import nats
@@ -32,6 +33,7 @@ from cosmoforge import queue, records
 from cosmoforge.compact import Compacted, compact, dataset_card, read_dataset
 from cosmoforge.prompts import Prompt, build_prompts
 from cosmoforge.spec import GenerationRun, dump_run
+from cosmoforge.stats import document_stats
 from cosmoforge.storage import GENERATIONS, PROMPTS, RunStore
 
 PROMPTS_PER_FILE = 50_000
@@ -50,6 +52,7 @@ class RunSummary:
     seconds: float = 0.0
     dataset: Compacted | None = None
     models: list[str] = field(default_factory=list)
+    stats: dict[str, Any] | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -245,6 +248,10 @@ def run_embedded(run: GenerationRun, output: str | None = None, console: Console
     summary.failed = result.failures
     summary.models = _models(store)
     store.write_text("dataset/README.md", dataset_card(run.name, dump_run(run), result, summary.models))
+    documents = read_dataset(store)
+    if documents is not None and documents.num_rows:
+        summary.stats = document_stats(documents)
+        store.write_text("metrics/stats.json", json.dumps(summary.stats, indent=2))
     return summary
 
 

@@ -111,3 +111,61 @@ def plot_distributions(stats: Mapping[str, Any], path: str) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+class StatsError(Exception):
+    """A dataset that cannot be measured as asked."""
+
+
+def read_documents(uri: str, text_field: str = "text") -> pa.Table:
+    """Parquet documents from a dataset folder, a run folder (its `dataset/`) or a single file."""
+    import os
+
+    import pyarrow.parquet as pq
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(uri if "://" in uri else os.path.abspath(uri))
+    if not fs.exists(path):
+        raise StatsError(f"{uri}: no such file or folder")
+    if fs.isdir(path) and fs.exists(f"{path}/dataset"):
+        path = f"{path}/dataset"
+    files = (
+        [path]
+        if fs.isfile(path)
+        else sorted(fs.glob(f"{path}/data-*.parquet") or fs.glob(f"{path}/*.parquet"))
+    )
+    if not files:
+        raise StatsError(f"{uri}: no parquet files")
+    tables = []
+    for name in files:
+        with fs.open(name, "rb") as handle:
+            tables.append(pq.read_table(handle))
+    table = pa.concat_tables(tables, promote_options="default")
+    if text_field not in table.column_names:
+        raise StatsError(f"{uri}: no column {text_field!r} (columns: {', '.join(table.column_names)})")
+    return table.rename_columns(["text" if c == text_field else c for c in table.column_names])
+
+
+def dataset_stats(uri: str, text_field: str = "text") -> dict[str, Any]:
+    return document_stats(read_documents(uri, text_field))
+
+
+def stats_table(stats: Mapping[str, Any], title: str = "documents") -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"diversity of {title}", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    table.add_row("documents", str(stats["documents"]))
+    if "near_duplicate_rate" in stats:
+        table.add_row(
+            "near duplicates (MinHash)", f"{stats['near_duplicates']} ({stats['near_duplicate_rate']:.2%})"
+        )
+    table.add_row("exact duplicates", f"{stats['exact_duplicates']} ({stats['exact_duplicate_rate']:.2%})")
+    openings = stats["openings"]
+    table.add_row("distinct openings (first 5 words)", str(openings["distinct_openings"]))
+    table.add_row("share of the 10 most common openings", f"{openings['top_share']:.1%}")
+    if openings["top"]:
+        first = openings["top"][0]
+        table.add_row("most common opening", f"{first['opening']!r} ({first['share']:.1%})")
+    return table

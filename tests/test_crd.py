@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import EXAMPLES, REPO, small_run
 from openapi_schema_validator import OAS30Validator
 
+from conftest import EXAMPLES, REPO, small_run
 from cosmoforge.crd import crd_yaml, custom_resource_definition
 from cosmoforge.spec import parse_run
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import datasets
 import fsspec
 import pyarrow.parquet as pq
-from conftest import small_run, write_spec
 
+from conftest import small_run, write_spec
 from cosmoforge.compact import read_dataset
 from cosmoforge.records import GENERATIONS
 from cosmoforge.storage import RunStore

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import nats
 import pytest
-from conftest import small_run
-from faults import Faults, FaultyProxy
 
+from conftest import small_run
 from cosmoforge import queue
 from cosmoforge.compact import compact, read_dataset
 from cosmoforge.generator import Worker, WorkerConfig
@@ -28,6 +27,7 @@ from cosmoforge.queue import EmbeddedNats
 from cosmoforge.spec import GenerationRun, dump_run, parse_run
 from cosmoforge.storage import FAILURES, GENERATIONS, RunStore
 from cosmoforge.validation import resolve_uri
+from faults import Faults, FaultyProxy
 
 
 def _run(name: str, **generation: object) -> GenerationRun:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import small_run
 
+from conftest import small_run
 from cosmoforge.prompts import build_prompts
 from cosmoforge.seeds import SeedCounts, SeedError, read_seed
 from cosmoforge.spec import SeedSource, parse_run

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import EXAMPLES, small_run, write_spec
 
+from conftest import EXAMPLES, small_run, write_spec
 from cosmoforge.cli import main
 from cosmoforge.spec import Engine, GenerationRun, SpecError, dump_run, load_run, parse_run
 
