@@ -28,11 +28,17 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+# nanotron lives in its own environment (it conflicts with lighteval); tests load the training
+# configs we generate with nanotron's own loader there.
+.venv-nanotron/.installed: scripts/nanotron-venv.sh
+	bash scripts/nanotron-venv.sh .venv-nanotron
+	touch $@
+
+test: lint .venv-nanotron/.installed
 	$(BIN)/pytest -q
 
 crd: venv
 	$(BIN)/cosmo crd --out manifests/crds/generationruns.yaml
 
 clean:
-	rm -rf $(VENV) cosmoforge-runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-nanotron cosmoforge-runs .pytest_cache .mypy_cache .ruff_cache

@@ -15,7 +15,6 @@ import sys
 COMMAND_MODULES = [
     "cosmoforge.commands",
     "cosmoforge.commands_train",
-    "cosmoforge.commands_cluster",
 ]
 
 

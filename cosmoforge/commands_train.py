@@ -1,0 +1,161 @@
+"""`cosmo tokenize`, `cosmo train` and `cosmo evaluate`: the training stretch of a run, by hand.
+
+Each command checks its input (tokenizer, dataset rows, preset against sequence length, task
+data) before doing any work; a problem prints one line and exits with status 2. Heavy imports
+stay inside the command functions so `cosmo --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+DEFAULT_TOKENIZER = "HuggingFaceTB/cosmo2-tokenizer"
+
+
+def _fail(command: str, error: Exception) -> int:
+    print(f"cosmo {command}: error: {error}", file=sys.stderr)
+    return 2
+
+
+def _tokenize(args: argparse.Namespace) -> int:
+    from cosmoforge.training import TrainingError
+    from cosmoforge.training.tokenize import tokenize_dataset
+
+    try:
+        result = tokenize_dataset(
+            args.dataset,
+            args.out,
+            tokenizer=args.tokenizer,
+            text_field=args.text_field,
+            eos_token=args.eos_token,
+            workers=args.workers,
+            seed=args.seed,
+            overwrite=args.overwrite,
+        )
+    except TrainingError as error:
+        return _fail("tokenize", error)
+    print(
+        f"{result.documents} documents -> {result.tokens} tokens in {len(result.files)} file(s) "
+        f"({result.tokens_per_second:,.0f} tokens/s); metrics in {result.output}/metrics.json"
+    )
+    for group, counts in result.tokens_by.items():
+        print(f"  tokens by {group}: " + ", ".join(f"{name}={count}" for name, count in counts.items()))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from cosmoforge.training import TrainingError
+    from cosmoforge.training.cpu_train import TrainConfig, train
+
+    config = TrainConfig(
+        preset=args.preset,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        sequence_length=args.seq_len,
+        learning_rate=args.lr,
+        warmup_steps=args.warmup,
+        seed=args.seed,
+        threads=args.threads,
+    )
+    try:
+        result = train(args.tokens, args.out, config)
+    except TrainingError as error:
+        return _fail("train", error)
+    size = f"{result.parameters / 1e6:.1f}M parameters"
+    loss = f"loss {result.first_loss:.3f} -> {result.final_loss:.3f}"
+    print(f"{result.preset} Llama ({size}), {result.steps} steps on {result.tokens} tokens: {loss}")
+    print(f"checkpoint: {result.checkpoint}")
+    print(f"loss log: {result.output}/loss.jsonl, plot: {result.output}/loss.png")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from cosmoforge.training import TrainingError
+    from cosmoforge.training.evaluate import evaluate
+
+    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()] if args.tasks else None
+    try:
+        result = evaluate(
+            args.checkpoint,
+            args.out,
+            tasks=tasks,
+            max_samples=args.max_samples,
+            data_dir=args.data_dir,
+            batch_size=args.batch_size,
+        )
+    except TrainingError as error:
+        return _fail("evaluate", error)
+    print(result.to_markdown())
+    print(f"results: {args.out}/results.md, {args.out}/results.json")
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def register(subparsers: Any) -> None:
+    tokenize = subparsers.add_parser(
+        "tokenize",
+        help="tokenize a parquet dataset into nanotron/datatrove token files",
+        description="Tokenize DATASET (a parquet file or folder, local or fsspec URI) with datatrove.",
+    )
+    tokenize.add_argument("dataset", metavar="DATASET")
+    tokenize.add_argument("--out", required=True, metavar="DIR", help="folder (or URI) for the token files")
+    tokenize.add_argument(
+        "--tokenizer",
+        default=DEFAULT_TOKENIZER,
+        metavar="PATH_OR_ID",
+        help="tokenizer.json, its folder, or a Hub id",
+    )
+    tokenize.add_argument("--text-field", default="text", help="column holding the documents (default: text)")
+    tokenize.add_argument(
+        "--eos-token", default=None, help="end-of-text token (default: found in the vocabulary)"
+    )
+    tokenize.add_argument("--workers", type=_positive, default=1, help="parallel tokenizer processes")
+    tokenize.add_argument("--seed", type=int, default=42, help="document shuffling seed")
+    tokenize.add_argument("--overwrite", action="store_true", help="replace token files already in --out")
+    tokenize.set_defaults(func=_tokenize)
+
+    train = subparsers.add_parser(
+        "train",
+        help="train a small Llama on token files, on the CPU",
+        description="Train a preset Llama on TOKENS (a `cosmo tokenize` folder) and save a checkpoint.",
+    )
+    train.add_argument("tokens", metavar="TOKENS")
+    train.add_argument("--out", required=True, metavar="DIR", help="folder for checkpoint, loss log and plot")
+    train.add_argument("--preset", default="tiny", choices=["tiny", "small", "1b"])
+    train.add_argument("--steps", type=_positive, default=200)
+    train.add_argument("--batch-size", type=_positive, default=8, help="sequences per step")
+    train.add_argument("--seq-len", type=_positive, default=256, help="tokens per sequence")
+    train.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    train.add_argument("--warmup", type=int, default=10, help="linear warmup steps")
+    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--threads", type=_positive, default=None, help="torch threads (default: 1 for tiny)")
+    train.set_defaults(func=_train)
+
+    evaluate = subparsers.add_parser(
+        "evaluate",
+        help="score a checkpoint on ARC, OpenBookQA, MMLU, PIQA, HellaSwag, SIQA, WinoGrande, BoolQ",
+        description="Evaluate CHECKPOINT with lighteval (log-likelihood, cloze form).",
+    )
+    evaluate.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="checkpoint folder or `cosmo train` output"
+    )
+    evaluate.add_argument(
+        "--out", required=True, metavar="DIR", help="folder for results.md and results.json"
+    )
+    evaluate.add_argument("--tasks", default=None, help="comma-separated task names (default: all nine)")
+    evaluate.add_argument("--max-samples", type=_positive, default=None, help="samples per task")
+    evaluate.add_argument(
+        "--data-dir",
+        default=None,
+        help="local task data, one folder per task (default: the Hugging Face Hub)",
+    )
+    evaluate.add_argument("--batch-size", type=_positive, default=8)
+    evaluate.set_defaults(func=_evaluate)

@@ -1,0 +1,448 @@
+"""Tokenize a generated dataset into the binary token files nanotron and the CPU trainer read.
+
+The work is datatrove's `DocumentTokenizer`, the step the Cosmopedia authors used: documents are
+encoded in batches, an end-of-text token closes every document, documents are shuffled inside
+each output file, and each `.ds` file gets an `.index` (document ends) and a `.metadata` file
+(tokenizer and token count). cosmoforge adds three things around it:
+
+- checks that fail before any work: the tokenizer loads, the dataset has rows and the text
+  column, the tokenizer has an end-of-text token;
+- a reader that only decodes the columns it needs (generated shards also carry the prompt,
+  which is as long as the text and would otherwise be converted to Python for nothing);
+- token counts per source, style and audience, through datatrove's own stats, written to
+  `metrics.json` beside the token files.
+
+datatrove's LocalPipelineExecutor starts a process pool when workers > 1, which re-imports the
+caller's `__main__`; a multi-worker run is therefore launched as `python -m` of this module, whose
+entry point is guarded, so it works the same from the CLI, a test or a notebook.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cosmoforge.training import TrainingError
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+# Columns whose values split the token count, first present name wins: cosmoforge's own
+# generations use the first names, the published Cosmopedia dataset the second.
+COUNT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "source": ("seed_source", "seed_data"),
+    "style": ("style", "format"),
+    "audience": ("audience",),
+}
+EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "[SEP]")
+STAT_PREFIX = "tokens_by/"
+SAVE_FILENAME = "cosmo"
+METRICS_FILE = "metrics.json"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass(frozen=True)
+class DatasetFiles:
+    """Parquet files of a dataset, relative to `folder`, checked before tokenizing."""
+
+    folder: str
+    files: list[str]
+    rows: int
+    columns: list[str]
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    name_or_path: str
+    vocab_size: int
+    eos_token: str
+    eos_token_id: int
+    token_size: int
+
+
+@dataclass
+class TokenizeResult:
+    output: str
+    dataset: str
+    tokenizer: TokenizerInfo
+    documents: int
+    tokens: int
+    files: list[str]
+    tokens_by: dict[str, dict[str, int]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["tokens_per_second"] = round(self.tokens_per_second, 1)
+        return data
+
+
+def resolve_tokenizer(name_or_path: str) -> tuple[str, Tokenizer]:
+    """Load a tokenizer from a tokenizer.json, a folder holding one, or a Hub id.
+
+    Returns the string datatrove should be given (a file path or the Hub id) and the tokenizer.
+    """
+    from tokenizers import Tokenizer
+
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        path = path / "tokenizer.json"
+    if path.is_file():
+        try:
+            return str(path.resolve()), Tokenizer.from_file(str(path))
+        except Exception as error:
+            raise TrainingError(
+                f"tokenizer {name_or_path!r} is not a valid tokenizer.json: {error}"
+            ) from None
+    if path.is_absolute() or name_or_path.startswith(".") or name_or_path.endswith(".json") or path.is_dir():
+        raise TrainingError(f"tokenizer {name_or_path!r} not found: no tokenizer.json at that path")
+    try:
+        return name_or_path, Tokenizer.from_pretrained(name_or_path)
+    except Exception as error:
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise TrainingError(
+            f"tokenizer {name_or_path!r} not found: not a local tokenizer.json and not loadable from the Hub "
+            f"({reason})"
+        ) from None
+
+
+def pick_eos(tokenizer: Tokenizer, requested: str | None = None) -> tuple[str, int]:
+    """The token that closes every document; nanotron relies on it to tell documents apart."""
+    candidates = (requested,) if requested else EOS_CANDIDATES
+    for token in candidates:
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            return token, token_id
+    if requested:
+        raise TrainingError(f"end-of-text token {requested!r} is not in the tokenizer's vocabulary")
+    raise TrainingError(
+        f"the tokenizer has none of the usual end-of-text tokens ({', '.join(EOS_CANDIDATES)}): pass one"
+    )
+
+
+def tokenizer_info(name_or_path: str, eos_token: str | None = None) -> tuple[TokenizerInfo, Tokenizer]:
+    resolved, tokenizer = resolve_tokenizer(name_or_path)
+    eos, eos_id = pick_eos(tokenizer, eos_token)
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    # datatrove stores uint16 tokens while the vocabulary fits, uint32 above.
+    token_size = 2 if vocab <= 65536 else 4
+    return TokenizerInfo(resolved, vocab, eos, eos_id, token_size), tokenizer
+
+
+def inspect_dataset(uri: str, text_field: str = "text") -> DatasetFiles:
+    """List a dataset's parquet files and count rows from their footers, without reading data."""
+    import pyarrow.parquet as pq
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(uri)
+    path = path.rstrip("/")
+    if fs.isfile(path):
+        folder, files = path.rsplit("/", 1)[0] if "/" in path else ".", [path.rsplit("/", 1)[-1]]
+    elif fs.isdir(path):
+        folder = path
+        found = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+        files = [p[len(path) + 1 :] for p in found]
+    else:
+        raise TrainingError(f"dataset {uri} does not exist")
+    if not files:
+        raise TrainingError(f"dataset {uri} has no .parquet files")
+    rows = 0
+    columns: list[str] = []
+    for name in files:
+        with fs.open(f"{folder}/{name}", "rb") as handle:
+            meta = pq.ParquetFile(handle)
+            names = meta.schema_arrow.names
+            if text_field not in names:
+                raise TrainingError(
+                    f"dataset file {name} has no {text_field!r} column (columns: {', '.join(names)})"
+                )
+            rows += meta.metadata.num_rows
+            columns = columns or names
+    if rows == 0:
+        raise TrainingError(f"dataset {uri} has no rows")
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    folder_uri = folder if protocol in ("file", "local") else f"{protocol}://{folder}"
+    return DatasetFiles(folder_uri, files, rows, columns)
+
+
+def count_columns(columns: list[str]) -> dict[str, str]:
+    """Group name -> the dataset column that holds it, for the groups this dataset has."""
+    chosen = {}
+    for group, names in COUNT_COLUMNS.items():
+        for name in names:
+            if name in columns:
+                chosen[group] = name
+                break
+    return chosen
+
+
+@dataclass(frozen=True)
+class TokenizeOptions:
+    """Everything a tokenization run needs; JSON-serialisable so a subprocess can receive it."""
+
+    dataset: str
+    output: str
+    tokenizer: str
+    text_field: str
+    eos_token: str
+    files: list[str]
+    counted: dict[str, str]
+    workers: int = 1
+    seed: int = 42
+    batch_size: int = 10000
+    logging_dir: str = ""
+
+
+def _build_pipeline(options: TokenizeOptions) -> list[Any]:
+    from datatrove.pipeline.readers import ParquetReader
+    from datatrove.pipeline.tokens import DocumentTokenizer
+
+    class ColumnsReader(ParquetReader):
+        """ParquetReader that decodes only the text, id and counted columns, column-wise.
+
+        The stock reader turns every row, prompt included, into a dict, renames keys through
+        its adapter and resolves the file path once per document; building documents straight
+        from the few columns needed skips all of that.
+        """
+
+        def __init__(self, wanted: list[str], **kwargs: Any):
+            super().__init__(**kwargs)
+            self.wanted = wanted
+
+        def read_file(self, filepath: str) -> Iterator[Any]:
+            import pyarrow.parquet as pq
+            from datatrove.data import Document
+
+            with self.data_folder.open(filepath, "rb") as handle, pq.ParquetFile(handle) as parquet:
+                present = [name for name in self.wanted if name in parquet.schema_arrow.names]
+                line = 0
+                for batch in parquet.iter_batches(batch_size=self.batch_size, columns=present):
+                    columns = {name: batch.column(name).to_pylist() for name in present}
+                    texts = columns.pop(self.text_key)
+                    ids = columns.pop(self.id_key, None)
+                    for row, text in enumerate(texts):
+                        if not text:
+                            continue
+                        doc_id = str(ids[row]) if ids is not None else f"{filepath}/{line}"
+                        metadata = {name: values[row] for name, values in columns.items()}
+                        line += 1
+                        yield Document(text=text, id=doc_id, metadata=metadata)
+
+    class CountingTokenizer(DocumentTokenizer):
+        """DocumentTokenizer that also counts tokens per source, style and audience."""
+
+        def __init__(self, counted: Mapping[str, str], **kwargs: Any):
+            super().__init__(**kwargs)
+            self.counted = dict(counted)
+            self.counts: Counter[tuple[str, str]] = Counter()
+
+        # datatrove calls this once per encoded document with its metadata: the one place where
+        # both the token count and the document's labels are in hand.
+        def get_loss_values(self, document: Any, encoded: Any) -> Any:
+            size = len(encoded.ids)
+            for group, column in self.counted.items():
+                self.counts[group, str(document.metadata.get(column))] += size
+            return super().get_loss_values(document, encoded)
+
+        def run(self, data: Any, rank: int = 0, world_size: int = 1) -> Any:
+            result = super().run(data, rank, world_size)
+            # Reported through datatrove's stats, which the executor merges across ranks.
+            for (group, value), count in sorted(self.counts.items()):
+                self.stat_update(f"{STAT_PREFIX}{group}/{value}", value=count)
+            return result
+
+    remote = "://" in options.output and not options.output.startswith("file://")
+    glob = options.files[0] if len(options.files) == 1 and "/" not in options.files[0] else "**/*.parquet"
+    wanted = [options.text_field, "id", *options.counted.values()]
+    reader = ColumnsReader(
+        wanted=list(dict.fromkeys(wanted)),
+        data_folder=options.dataset,
+        glob_pattern=glob,
+        text_key=options.text_field,
+    )
+    tokenizer = CountingTokenizer(
+        counted=options.counted,
+        output_folder=options.output,
+        tokenizer_name_or_path=options.tokenizer,
+        # Shuffling copies the file through random reads: do that on local disk when the
+        # output lives in object storage.
+        local_working_dir=tempfile.mkdtemp(prefix="cosmo-tokens-") if remote else None,
+        save_filename=SAVE_FILENAME,
+        eos_token=options.eos_token,
+        batch_size=options.batch_size,
+        seed=options.seed,
+        shuffle_documents=True,
+        save_final_metadata=True,
+    )
+    return [reader, tokenizer]
+
+
+def run_pipeline(options: TokenizeOptions) -> None:
+    """Run datatrove in this process (one worker) or a guarded pool (several)."""
+    from datatrove.executor import LocalPipelineExecutor
+
+    tasks = max(1, min(options.workers, len(options.files)))
+    executor = LocalPipelineExecutor(
+        pipeline=_build_pipeline(options),
+        tasks=tasks,
+        workers=min(options.workers, tasks),
+        logging_dir=options.logging_dir,
+        skip_completed=False,
+    )
+    executor.run()
+
+
+def _run_in_subprocess(options: TokenizeOptions) -> None:
+    command = [sys.executable, "-m", "cosmoforge.training.tokenize", json.dumps(asdict(options))]
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        tail = (completed.stderr or completed.stdout).strip().splitlines()[-5:]
+        raise RuntimeError("tokenization worker pool failed:\n" + "\n".join(tail))
+
+
+def tokens_by_group(stats: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Turn datatrove's merged stats.json into {group: {value: tokens}}."""
+    counts: dict[str, dict[str, int]] = {}
+    for step in stats:
+        for label, metric in step.get("stats", {}).items():
+            if not label.startswith(STAT_PREFIX):
+                continue
+            group, _, value = label[len(STAT_PREFIX) :].partition("/")
+            total = metric["total"] if isinstance(metric, dict) else metric
+            counts.setdefault(group, {})[value] = int(total)
+    return {group: dict(sorted(values.items())) for group, values in sorted(counts.items())}
+
+
+def _existing_token_files(output: str) -> list[str]:
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(output)
+    if not fs.isdir(path):
+        return []
+    names = (METRICS_FILE, TOKENIZER_FILE)
+    return sorted(p for p in fs.find(path) if ".ds" in p.rsplit("/", 1)[-1] or p.rsplit("/", 1)[-1] in names)
+
+
+def prepare(
+    dataset: str,
+    output: str,
+    tokenizer: str,
+    text_field: str = "text",
+    eos_token: str | None = None,
+    overwrite: bool = False,
+) -> tuple[DatasetFiles, TokenizerInfo, Tokenizer]:
+    """Every check that can fail, done before datatrove starts."""
+    info, loaded = tokenizer_info(tokenizer, eos_token)
+    files = inspect_dataset(dataset, text_field)
+    existing = _existing_token_files(output)
+    if existing and not overwrite:
+        raise TrainingError(f"{output} already holds token files: choose another folder or overwrite it")
+    return files, info, loaded
+
+
+def tokenize_dataset(
+    dataset: str,
+    output: str,
+    tokenizer: str,
+    text_field: str = "text",
+    eos_token: str | None = None,
+    workers: int = 1,
+    seed: int = 42,
+    batch_size: int = 10000,
+    overwrite: bool = False,
+) -> TokenizeResult:
+    """Tokenize `dataset` (parquet file or folder, local or fsspec URI) into `output`."""
+    from fsspec.core import url_to_fs
+
+    if "://" not in output:
+        output = os.path.abspath(output)
+    if "://" not in dataset:
+        dataset = os.path.abspath(dataset)
+    files, info, loaded = prepare(dataset, output, tokenizer, text_field, eos_token, overwrite)
+    fs, out_path = url_to_fs(output)
+    for stale in _existing_token_files(output):
+        fs.rm_file(stale)
+    fs.makedirs(out_path, exist_ok=True)
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="cosmo-tokenize-") as scratch:
+        # Some tokenizer.json files ship with truncation or padding switched on (sentence
+        # encoders cut at 128 tokens); pre-training needs every token, so both are turned off
+        # in a local copy. The copy also spares worker processes a Hub download, and is kept
+        # beside the tokens so the folder says how it was made.
+        local_tokenizer = info.name_or_path
+        if loaded.truncation is not None or loaded.padding is not None or not os.path.isfile(local_tokenizer):
+            loaded.no_truncation()
+            loaded.no_padding()
+            local_tokenizer = os.path.join(scratch, TOKENIZER_FILE)
+            loaded.save(local_tokenizer)
+        logs = os.path.join(scratch, "logs")
+        options = TokenizeOptions(
+            dataset=files.folder,
+            output=output,
+            tokenizer=local_tokenizer,
+            text_field=text_field,
+            eos_token=info.eos_token,
+            files=files.files,
+            counted=count_columns(files.columns),
+            workers=max(1, workers),
+            seed=seed,
+            batch_size=batch_size,
+            logging_dir=logs,
+        )
+        if options.workers > 1 and len(files.files) > 1:
+            _run_in_subprocess(options)
+        else:
+            run_pipeline(options)
+        stats = json.loads(Path(logs, "stats.json").read_text())
+        fs.put_file(local_tokenizer, f"{out_path.rstrip('/')}/{TOKENIZER_FILE}")
+    seconds = time.perf_counter() - started
+
+    token_files = sorted(p for p in fs.find(out_path) if p.endswith(".ds"))
+    tokens = sum(fs.size(p) for p in token_files) // info.token_size
+    documents = sum(fs.size(p + ".index") for p in token_files) // 8
+    result = TokenizeResult(
+        output=output,
+        dataset=dataset,
+        tokenizer=info,
+        documents=documents,
+        tokens=tokens,
+        files=[p[len(out_path.rstrip("/")) + 1 :] for p in token_files],
+        tokens_by=tokens_by_group(stats),
+        seconds=seconds,
+    )
+    fs.pipe_file(f"{out_path.rstrip('/')}/{METRICS_FILE}", json.dumps(result.to_json(), indent=2).encode())
+    return result
+
+
+def read_metrics(tokens: str) -> dict[str, Any]:
+    """The metrics.json a tokenization wrote; the trainer takes vocabulary and EOS from it."""
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(tokens if "://" in tokens else os.path.abspath(tokens))
+    metrics_path = f"{path.rstrip('/')}/{METRICS_FILE}"
+    if not fs.isfile(metrics_path):
+        raise TrainingError(
+            f"{tokens} is not a tokenized folder: {METRICS_FILE} is missing (run `cosmo tokenize`)"
+        )
+    data: dict[str, Any] = json.loads(fs.cat_file(metrics_path))
+    if data.get("tokens", 0) <= 0:
+        raise TrainingError(f"{tokens} holds no tokens")
+    return data
+
+
+if __name__ == "__main__":
+    run_pipeline(TokenizeOptions(**json.loads(sys.argv[1])))
