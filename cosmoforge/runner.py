@@ -36,7 +36,8 @@ from cosmoforge.spec import GenerationRun, dump_run
 from cosmoforge.stats import document_stats
 from cosmoforge.storage import GENERATIONS, PROMPTS, RunStore
 
-PROMPTS_PER_FILE = 50_000
+PROMPTS_PER_FILE = 100_000
+ROW_GROUP = 5_000
 
 
 @dataclass
@@ -60,19 +61,28 @@ class RunSummary:
 
 
 def write_prompts(store: RunStore, prompts: Iterator[Prompt]) -> int:
-    """Write the prompt manifest in fixed-size files; returns the number of prompts."""
+    """Write the prompt manifest in fixed-size files; returns the number of prompts.
+
+    Prompts are held only one row group at a time, so memory stays flat for any count.
+    """
     store.remove(PROMPTS)
     total = 0
     for index in itertools.count():
-        chunk = list(itertools.islice(prompts, PROMPTS_PER_FILE))
-        if not chunk and index > 0:
+        groups = _row_groups(itertools.islice(prompts, PROMPTS_PER_FILE))
+        first = next(groups, None)
+        if first is None and index > 0:
             break
-        table = pa.Table.from_pylist([p.to_dict() for p in chunk], schema=records.PROMPTS)
-        store.write_table(f"{PROMPTS}/prompts-{index:05d}.parquet", table)
-        total += len(chunk)
-        if len(chunk) < PROMPTS_PER_FILE:
+        tables = itertools.chain([first] if first is not None else [], groups)
+        written = store.write_tables(f"{PROMPTS}/prompts-{index:05d}.parquet", records.PROMPTS, tables)
+        total += written
+        if written < PROMPTS_PER_FILE:
             break
     return total
+
+
+def _row_groups(prompts: Iterator[Prompt]) -> Iterator[pa.Table]:
+    while chunk := list(itertools.islice(prompts, ROW_GROUP)):
+        yield pa.Table.from_pylist([p.to_dict() for p in chunk], schema=records.PROMPTS)
 
 
 def pending_prompts(store: RunStore, done: set[str]) -> Iterator[tuple[str, bytes]]:

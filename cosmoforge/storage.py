@@ -75,6 +75,17 @@ class RunStore:
         pq.write_table(table, buffer, compression="zstd")
         self.write_bytes(relative, buffer.getvalue())
 
+    def write_tables(self, relative: str, schema: pa.Schema, tables: Iterable[pa.Table]) -> int:
+        """One parquet file from a stream of tables (one row group each); returns the row count."""
+        buffer = io.BytesIO()
+        rows = 0
+        with pq.ParquetWriter(buffer, schema, compression="zstd") as writer:
+            for table in tables:
+                writer.write_table(table)
+                rows += table.num_rows
+        self.write_bytes(relative, buffer.getvalue())
+        return rows
+
     def list_parquet(self, folder: str) -> list[str]:
         path = self.path(folder)
         self.fs.invalidate_cache(path)
