@@ -18,8 +18,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import nats
@@ -35,6 +35,9 @@ from cosmoforge.prompts import Prompt, build_prompts
 from cosmoforge.spec import GenerationRun, dump_run
 from cosmoforge.stats import document_stats
 from cosmoforge.storage import GENERATIONS, PROMPTS, RunStore
+
+if TYPE_CHECKING:
+    from cosmoforge.training.chain import TrainingSummary
 
 PROMPTS_PER_FILE = 100_000
 ROW_GROUP = 5_000
@@ -54,6 +57,7 @@ class RunSummary:
     dataset: Compacted | None = None
     models: list[str] = field(default_factory=list)
     stats: dict[str, Any] | None = None
+    training: TrainingSummary | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -262,6 +266,13 @@ def run_embedded(run: GenerationRun, output: str | None = None, console: Console
     if documents is not None and documents.num_rows:
         summary.stats = document_stats(documents)
         store.write_text("metrics/stats.json", json.dumps(summary.stats, indent=2))
+    training = run.spec.training
+    if training is not None and training.enabled and result.rows:
+        from cosmoforge.training.chain import train_run
+
+        console.print(f"training the {training.preset} preset on {result.rows} documents")
+        summary.training = train_run(training, store)
+        store.write_text("metrics/training.json", json.dumps(asdict(summary.training), indent=2))
     return summary
 
 
@@ -287,6 +298,14 @@ def summary_table(summary: RunSummary) -> Table:
         ("models", ", ".join(summary.models)),
         ("dataset", f"{summary.output}/dataset"),
     ]
+    if summary.training is not None:
+        trained = summary.training
+        rows += [
+            ("training tokens", trained.tokens),
+            ("loss (first -> last step)", f"{trained.first_loss:.3f} -> {trained.final_loss:.3f}"),
+            ("evaluated tasks", len(trained.tasks)),
+            ("evaluation", trained.outputs["eval"]),
+        ]
     for key, value in rows:
         table.add_row(key, str(value))
     return table

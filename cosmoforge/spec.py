@@ -318,6 +318,18 @@ class TrainingSpec(Strict):
     parallelism: Parallelism = Field(default_factory=Parallelism)
     evaluate: bool = True
     eval_tasks: list[str] = Field(default_factory=lambda: list(KNOWN_BENCHMARKS))
+    eval_data: str | None = Field(
+        default=None, description="Folder with <task>/<split>.jsonl task files; default: the Hub."
+    )
+    eval_max_samples: int | None = Field(default=100, ge=1, description="Questions scored per task.")
+
+    @field_validator("eval_tasks")
+    @classmethod
+    def _known_tasks(cls, values: list[str]) -> list[str]:
+        unknown = sorted(set(values) - set(KNOWN_BENCHMARKS))
+        if unknown:
+            raise ValueError(f"unknown tasks {', '.join(unknown)}: use {', '.join(KNOWN_BENCHMARKS)}")
+        return values
 
 
 class OutputSpec(Strict):

@@ -50,4 +50,10 @@ def load_file(path: str | Path) -> GenerationRun:
     base = Path(path).resolve().parent
     for seed in run.spec.seeds:
         seed.uri = resolve_uri(seed.uri, base)
+    training = run.spec.training
+    if training is not None:
+        if training.tokenizer.startswith(PACKAGE_SCHEME) or training.tokenizer.startswith("."):
+            training.tokenizer = resolve_uri(training.tokenizer, base)
+        if training.eval_data is not None:
+            training.eval_data = resolve_uri(training.eval_data, base)
     return run

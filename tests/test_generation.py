@@ -157,7 +157,7 @@ def test_permanent_failures_are_recorded_not_dropped(
     asyncio.run(scenario())
     result = compact(store)
     assert result.rows == 3 and result.failures == 1
-    failures = store.read_folder("dataset/failures.parquet")
+    failures = store.read_folder("failed.parquet")
     assert failures is not None
     row = failures.to_pylist()[0]
     assert row["prompt_id"] == "huge" and row["error_kind"] == "context_length" and row["attempts"] == 1
@@ -184,7 +184,7 @@ def test_unreachable_endpoint_fails_each_prompt_after_max_attempts(
     asyncio.run(scenario())
     result = compact(store)
     assert result.rows == 0 and result.failures == 2
-    kinds = set(store.read_folder("dataset/failures.parquet").column("error_kind").to_pylist())
+    kinds = set(store.read_folder("failed.parquet").column("error_kind").to_pylist())
     assert kinds == {"connection"}
 
 
