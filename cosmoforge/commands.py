@@ -41,6 +41,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--run", required=True, help="run name; the spec is read from <out>/<run>/spec.yaml")
     p.add_argument("--endpoint", required=True, help="inference server base URL")
     p.add_argument("--worker-id")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
+    p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.set_defaults(func=worker)
 
     p = subparsers.add_parser("serve-model", help="serve the embedded model with TGI's and OpenAI's APIs")
@@ -163,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = run_embedded(spec, args.out, console)
     except SeedError as error:
-        console.print(f"[red]seed error:[/] {error}")
+        # Plain print: rich would wrap the path at the terminal width.
+        print(f"seed error: {error}", file=sys.stderr)
         return 2
     console.print(summary_table(summary))
     if summary.stats is not None:
@@ -176,15 +179,16 @@ def run(args: argparse.Namespace) -> int:
 
 def worker(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
     import yaml
 
+    from cosmoforge import logs, metrics
     from cosmoforge.generator import WorkerConfig, run_worker
     from cosmoforge.spec import parse_run
     from cosmoforge.storage import RunStore
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.configure(args.log_format)
+    metrics.serve(args.metrics_port)
     store = RunStore.open(args.out, args.run)
     text = store.read_text("spec.yaml")
     if text is None:
