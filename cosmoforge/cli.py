@@ -15,6 +15,7 @@ import sys
 COMMAND_MODULES = [
     "cosmoforge.commands",
     "cosmoforge.commands_train",
+    "cosmoforge.commands_cluster",
 ]
 
 

@@ -1,0 +1,594 @@
+"""Topic clustering: real embeddings (the shipped all-MiniLM-L6-v2), real faiss, a real small
+chat model (SmolLM2-135M on llama.cpp) behind a real HTTP server on a loopback port.
+
+The corpus in tests/data/clustering/subjects.jsonl is ours: ten short texts on each of four
+clearly different subjects, so "documents on different subjects land in different clusters" is
+a fact the test can check. A 135M model does not give sensible topic names, so the labelling
+tests assert on parsing, retries and the shape of what is recorded, not on the words.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from cosmoforge.clustering.embed import (
+    DEFAULT_MODEL,
+    EmbeddingCache,
+    batch_key,
+    embed_batch,
+    load_embedder,
+    normalize_rows,
+    shipped_model_path,
+)
+from cosmoforge.clustering.kmeans import (
+    BottomKSample,
+    ClusteringInputError,
+    MembersSample,
+    effective_k,
+    fit_centroids,
+    hash_keys,
+    smooth_by_neighbours,
+)
+from cosmoforge.clustering.label import (
+    ChatClient,
+    EndpointError,
+    LabelParseError,
+    LabelResult,
+    chat_url,
+    excluded_by,
+    keep_decision,
+    label_cluster,
+    parse_label,
+)
+from cosmoforge.clustering.pipeline import (
+    ClusterConfig,
+    ClusterInput,
+    document_topics,
+    read_assignments,
+    read_topics,
+    run_clustering,
+)
+
+CORPUS = Path(__file__).parent / "data" / "clustering" / "subjects.jsonl"
+SUBJECTS = ("astronomy", "baking", "football", "medicine")
+
+
+def corpus_rows() -> list[dict[str, str]]:
+    return [json.loads(line) for line in CORPUS.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Any:
+    return load_embedder(DEFAULT_MODEL)
+
+
+def assignments(out: Path) -> pa.Table:
+    return pa.concat_tables(list(read_assignments(str(out))))
+
+
+def subject_clusters(table: pa.Table) -> dict[str, collections.Counter[int]]:
+    by_subject: dict[str, collections.Counter[int]] = collections.defaultdict(collections.Counter)
+    for doc_id, cluster in zip(table["id"].to_pylist(), table["cluster_id"].to_pylist(), strict=True):
+        by_subject[doc_id.split("-")[0]][cluster] += 1
+    return by_subject
+
+
+def assert_subjects_separated(table: pa.Table) -> None:
+    by_subject = subject_clusters(table)
+    majority = {subject: counts.most_common(1)[0] for subject, counts in by_subject.items()}
+    assert sorted(by_subject) == sorted(SUBJECTS)
+    # Every subject has its own cluster, and (almost) all of its documents are in it.
+    assert len({cluster for cluster, _ in majority.values()}) == len(SUBJECTS), by_subject
+    purity = sum(count for _, count in majority.values()) / table.num_rows
+    assert purity >= 0.9, by_subject
+
+
+# --- parsing and the keep rule -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("answer", "topic", "score"),
+    [
+        ('{"topic": "Astronomy", "educational_score": 8}', "Astronomy", 8.0),
+        ('```json\n{"topic": "Bread baking", "educational_score": "7"}\n```\n', "Bread baking", 7.0),
+        ('Sure! Here it is: {"Topic": "Football", "Score": 3} Hope this helps.', "Football", 3.0),
+        ("Topic: Cardiology\nEducational score: 7/10", "Cardiology", 7.0),
+        ("**Topic:** Home gardening\n**Score:** 85/100", "Home gardening", 8.5),
+        ('{"topic": "Astronomy", "educational_score": 8', "Astronomy", 8.0),  # cut off mid-object
+        ('{"label": "Space science", "rating": 6.5}', "Space science", 6.5),
+        ('{"topic": "Bread", "educational_score": "8 out of 10"}', "Bread", 8.0),
+        ('{"topic": "\\"Cooking\\".", "educational_score": 0}', "Cooking", 0.0),
+    ],
+)
+def test_parse_label_reads_loose_answers(answer: str, topic: str, score: float) -> None:
+    label = parse_label(answer)
+    assert (label.topic, label.score) == (topic, score)
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        ("", "empty answer"),
+        ("I cannot help with that.", "no topic"),
+        ('{"topic": "Astronomy"}', "no educational score"),
+        ('{"topic": "", "educational_score": 5}', "empty topic"),
+        ('{"topic": "...", "score": 5}', "empty topic"),
+        ('{"topic": "Astronomy", "educational_score": 14}', "outside 0-10"),
+    ],
+)
+def test_parse_label_rejects_unusable_answers(answer: str, reason: str) -> None:
+    with pytest.raises(LabelParseError, match=reason):
+        parse_label(answer)
+
+
+def test_a_malformed_answer_is_sent_back_with_a_reminder() -> None:
+    # A scripted conversation, to pin the retry policy; the real model is exercised below.
+    answers = iter(["I think these are about space.", '{"topic": "Astronomy", "educational_score": 9}'])
+    seen: list[list[dict[str, str]]] = []
+
+    def complete(messages: list[dict[str, str]]) -> str:
+        seen.append(messages)
+        return next(answers)
+
+    result = label_cluster(["Jupiter is a gas giant."], complete, attempts=3, wait_seconds=0)
+    assert (result.topic, result.score, result.attempts, result.error) == ("Astronomy", 9.0, 2, None)
+    assert len(seen[0]) == 2 and len(seen[1]) == 4
+    assert seen[1][2] == {"role": "assistant", "content": "I think these are about space."}
+    assert "could not be read (no topic)" in seen[1][3]["content"]
+
+
+def test_keep_rule() -> None:
+    exclude = ("explicit adult content", "celebrity gossip", "obituaries")
+    assert excluded_by("Celebrity News and Gossip", exclude) == "celebrity gossip"
+    assert excluded_by("Local obituary notices", exclude) == "obituaries"
+    assert excluded_by("Adult education", exclude) is None
+    assert keep_decision(LabelResult("Astronomy", 8, 1), 3, exclude) == (True, None)
+    assert keep_decision(LabelResult("Astronomy", 2, 1), 3, exclude) == (False, "score 2 < 3")
+    assert keep_decision(LabelResult("Celebrity gossip", 6, 1), 3, exclude) == (
+        False,
+        "excluded topic 'celebrity gossip'",
+    )
+    assert keep_decision(LabelResult(None, None, 3, "LabelParseError: no topic"), 3, exclude) == (
+        False,
+        "label failed",
+    )
+    assert keep_decision(None, 3, exclude) == (True, None)  # unlabelled runs keep everything
+
+
+def test_chat_url_accepts_either_kind_of_base() -> None:
+    assert chat_url("http://tgi:8080") == "http://tgi:8080/v1/chat/completions"
+    assert chat_url("http://tgi:8080/") == "http://tgi:8080/v1/chat/completions"
+    assert chat_url("https://api.example/v1") == "https://api.example/v1/chat/completions"
+    assert chat_url("http://x/v1/chat/completions") == "http://x/v1/chat/completions"
+
+
+# --- sampling and k-means ----------------------------------------------------------------------------
+
+
+def test_samples_do_not_depend_on_how_the_stream_is_batched() -> None:
+    rows = np.arange(1000, dtype=np.float32)[:, None] * np.ones((1, 3), dtype=np.float32)
+    keys = hash_keys(np.arange(1000), seed=5)
+    samples = []
+    for size in (1000, 7, 128):
+        sample = BottomKSample(50)
+        members = MembersSample(3)
+        for start in range(0, 1000, size):
+            sample.add(keys[start : start + size], rows[start : start + size])
+            members.add(
+                keys[start : start + size],
+                np.arange(start, min(start + size, 1000)) % 4,
+                [str(i) for i in range(start, min(start + size, 1000))],
+                ["t"] * len(keys[start : start + size]),
+            )
+        samples.append((sample.sorted_rows()[:, 0].tolist(), [members.members(c) for c in range(4)]))
+    assert samples[0] == samples[1] == samples[2]
+    assert len(samples[0][0]) == 50 and all(len(m) == 3 for m in samples[0][1])
+    assert not np.array_equal(hash_keys(np.arange(10), 1), hash_keys(np.arange(10), 2))
+
+
+@pytest.mark.parametrize("count", [300, 21_000])  # exact search, then the inverted-file index
+def test_neighbour_smoothing_pulls_documents_towards_their_group(count: int) -> None:
+    rng = np.random.default_rng(0)
+    centres = normalize_rows(rng.standard_normal((3, 32)))
+    groups = np.arange(count) % 3
+    vectors = normalize_rows(centres[groups] + 0.15 * rng.standard_normal((count, 32)))
+    smoothed = smooth_by_neighbours(vectors, 5)
+    assert smoothed.shape == vectors.shape
+    assert np.allclose(np.linalg.norm(smoothed, axis=1), 1.0, atol=1e-5)
+    before = np.einsum("ij,ij->i", vectors, centres[groups]).mean()
+    after = np.einsum("ij,ij->i", smoothed, centres[groups]).mean()
+    assert after > before + 0.05
+    assert np.array_equal(smooth_by_neighbours(vectors[:5], 5), vectors[:5])  # too few to smooth
+
+
+def test_k_never_exceeds_the_distinct_documents() -> None:
+    vectors = np.eye(3, 8, dtype=np.float32)
+    assert effective_k(145, np.concatenate([vectors, vectors])) == 3
+    assert effective_k(2, vectors) == 2
+    with pytest.raises(ClusteringInputError):
+        effective_k(5, np.zeros((0, 8), dtype=np.float32))
+    with pytest.raises(ClusteringInputError, match="3 documents cannot make 5 clusters"):
+        fit_centroids(vectors, 5, seed=0)
+
+
+# --- the stage over a real corpus -----------------------------------------------------------------------
+
+
+def test_the_default_model_ships_in_a_package(embedder: Any) -> None:
+    assert shipped_model_path(DEFAULT_MODEL) is not None
+    assert shipped_model_path("all-MiniLM-L6-v2") == shipped_model_path(DEFAULT_MODEL)
+    vectors = embedder.encode(
+        ["The striker scored a goal.", "The goalkeeper saved a penalty.", "Bake bread."]
+    )
+    assert vectors.shape == (3, 384) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]
+
+
+def test_a_model2vec_static_model_loads_by_name(tmp_path: Path) -> None:
+    model2vec = pytest.importorskip("model2vec")
+    from tokenizers import Tokenizer
+
+    # A static model over the shipped MiniLM vocabulary with seeded vectors: real model2vec code,
+    # no download and no distillation (which takes minutes here).
+    path = shipped_model_path(DEFAULT_MODEL)
+    assert path is not None
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    vectors = np.random.default_rng(0).standard_normal((tokenizer.get_vocab_size(), 16)).astype(np.float32)
+    model2vec.StaticModel(vectors, tokenizer).save_pretrained(str(tmp_path / "static"))
+    static = load_embedder(f"model2vec:{tmp_path / 'static'}")
+    encoded = static.encode(["bread dough", "bread dough", "a comet's tail"])
+    assert static.dim == 16 and encoded.shape == (3, 16)
+    assert np.allclose(np.linalg.norm(encoded, axis=1), 1.0, atol=1e-5)
+    assert np.array_equal(encoded[0], encoded[1]) and not np.allclose(encoded[0], encoded[2])
+    assert static.name == f"model2vec:{tmp_path / 'static'}"
+
+
+def test_subjects_land_in_different_clusters(tmp_path: Path, embedder: Any) -> None:
+    out = tmp_path / "topics"
+    summary = run_clustering(
+        ClusterInput(str(CORPUS), id_field="id"), str(out), ClusterConfig(clusters=4), embedder=embedder
+    )
+    assert (summary.documents, summary.clusters, summary.skipped_empty) == (40, 4, 0)
+    table = assignments(out)
+    assert table.column_names == ["id", "cluster_id", "distance"]
+    assert sorted(table["id"].to_pylist()) == sorted(row["id"] for row in corpus_rows())
+    assert all(0.0 <= d <= 1.0 for d in table["distance"].to_pylist())
+    assert_subjects_separated(table)
+
+    topics = read_topics(str(out))
+    assert topics["cluster_id"].to_pylist() == [0, 1, 2, 3]
+    assert sum(topics["size"].to_pylist()) == 40
+    assert all(topics["kept"].to_pylist())  # not labelled: nothing to judge by
+    for cluster, examples in zip(
+        topics["cluster_id"].to_pylist(), topics["example_ids"].to_pylist(), strict=True
+    ):
+        members = set(table.filter(pc.equal(table["cluster_id"], cluster))["id"].to_pylist())
+        assert examples and set(examples) <= members and len(examples) <= 10
+    assert (out / "clusters.png").read_bytes().startswith(b"\x89PNG")
+    assert "<svg" in (out / "clusters.html").read_text() or "plotly" in (out / "clusters.html").read_text()
+    assert "4 of 4 clusters kept, 40 of 40 documents" in (out / "topics.md").read_text()
+    assert np.load(out / "centroids.npy").shape == (4, 384)
+    assert json.loads((out / "summary.json").read_text())["documents"] == 40
+
+
+def test_rerun_with_the_same_seed_reads_the_cache_and_gives_the_same_clusters(
+    tmp_path: Path, embedder: Any
+) -> None:
+    data = ClusterInput(str(CORPUS), id_field="id")
+    config = ClusterConfig(clusters=4, read_batch=16)
+    cache = str(tmp_path / "cache")
+    first = run_clustering(data, str(tmp_path / "a"), config, embedder=embedder, cache_uri=cache)
+    second = run_clustering(data, str(tmp_path / "b"), config, embedder=embedder, cache_uri=cache)
+    assert (first.embedded_batches, second.embedded_batches, second.cached_batches) == (3, 0, 6)
+    assert assignments(tmp_path / "a").equals(assignments(tmp_path / "b"))
+    assert read_topics(str(tmp_path / "a")).equals(read_topics(str(tmp_path / "b")))
+
+    other = run_clustering(
+        data,
+        str(tmp_path / "c"),
+        ClusterConfig(clusters=4, read_batch=16, seed=7),
+        embedder=embedder,
+        cache_uri=cache,
+    )
+    assert other.embedded_batches == 0
+    assert_subjects_separated(assignments(tmp_path / "c"))
+
+
+def test_outputs_and_cache_go_to_object_storage(s3_bucket: str, embedder: Any) -> None:
+    out = f"s3://{s3_bucket}/run/topics"
+    data = ClusterInput(str(CORPUS), id_field="id")
+    first = run_clustering(data, out, ClusterConfig(clusters=4, read_batch=20), embedder=embedder)
+    second = run_clustering(data, out, ClusterConfig(clusters=4, read_batch=20), embedder=embedder)
+    assert (first.embedded_batches, second.embedded_batches, second.cached_batches) == (2, 0, 4)
+    assert read_topics(out).num_rows == 4
+    assert_subjects_separated(pa.concat_tables(list(read_assignments(out))))
+    assert first.outputs["map"] == f"{out}/clusters.png"
+
+
+def test_embedding_cache_is_keyed_by_model_and_texts(tmp_path: Path, embedder: Any) -> None:
+    cache = EmbeddingCache.open(str(tmp_path / "cache"))
+    vectors = embed_batch(embedder, ["one text", "another"], cache)
+    assert (cache.misses, cache.hits) == (1, 0)
+    assert np.array_equal(embed_batch(embedder, ["one text", "another"], cache), vectors)
+    assert (cache.misses, cache.hits) == (1, 1)
+    assert batch_key("model-a", ["x"]) != batch_key("model-b", ["x"]) != batch_key("model-a", ["y"])
+    # A torn file is not trusted: the batch is embedded again.
+    (path,) = (tmp_path / "cache").rglob("*.npy")
+    path.write_bytes(b"not numpy")
+    assert np.array_equal(embed_batch(embedder, ["one text", "another"], cache), vectors)
+    assert cache.misses == 2
+
+
+def test_parquet_input_keeps_its_id_column_and_skips_empty_texts(tmp_path: Path, embedder: Any) -> None:
+    blanks: list[dict[str, Any]] = [{"id": "blank-1", "text": "   "}, {"id": "blank-2", "text": None}]
+    rows: list[dict[str, Any]] = [*corpus_rows()[:12], *blanks]
+    source = tmp_path / "web.parquet"
+    pq.write_table(pa.Table.from_pylist([{"url": r["id"], "content": r["text"]} for r in rows]), source)
+    out = tmp_path / "out"
+    summary = run_clustering(
+        ClusterInput(str(source), text_field="content", id_field="url"),
+        str(out),
+        ClusterConfig(clusters=2, read_batch=5),
+        embedder=embedder,
+    )
+    assert (summary.documents, summary.skipped_empty) == (12, 2)
+    table = assignments(out)
+    assert table.column_names == ["url", "cluster_id", "distance"]
+    assert table["url"].to_pylist() == [r["id"] for r in rows[:12]]  # file order, shard by shard
+    assert len(list((out / "assignments").glob("part-*.parquet"))) == 3
+    assert document_topics(str(out)) == {}  # nothing labelled, so no topic to condition on
+
+
+def test_fewer_documents_than_clusters_lowers_k(tmp_path: Path, embedder: Any) -> None:
+    source = tmp_path / "few.jsonl"
+    source.write_text("".join(json.dumps({"text": row["text"]}) + "\n" for row in corpus_rows()[::10]))
+    with pytest.warns(UserWarning, match="only 4 distinct documents in the sample for 145 clusters"):
+        summary = run_clustering(
+            ClusterInput(str(source)), str(tmp_path / "out"), ClusterConfig(), embedder=embedder
+        )
+    assert summary.clusters == 4
+    table = assignments(tmp_path / "out")
+    assert table.column_names[0] == "row" and table["row"].to_pylist() == ["0", "1", "2", "3"]
+    assert sorted(table["cluster_id"].to_pylist()) == [0, 1, 2, 3]
+
+
+def test_duplicate_documents_make_one_cluster(tmp_path: Path, embedder: Any) -> None:
+    source = tmp_path / "same.jsonl"
+    source.write_text((json.dumps({"text": "The same page, copied."}) + "\n") * 5)
+    with pytest.warns(UserWarning, match="using k=1"):
+        summary = run_clustering(
+            ClusterInput(str(source)), str(tmp_path / "out"), ClusterConfig(clusters=3), embedder=embedder
+        )
+    assert summary.clusters == 1 and summary.documents == 5
+
+
+@pytest.mark.parametrize(
+    ("content", "field", "message"),
+    [
+        ("", "text", "no document has text in field 'text'"),
+        ('{"text": ""}\n{"text": "  "}\n', "text", r"no document has text .*\(2 rows with empty text\)"),
+        ('{"body": "words"}\n', "text", "field 'text' missing"),
+        ("{not json\n", "text", "invalid JSON"),
+    ],
+)
+def test_bad_input_is_a_clear_error(
+    tmp_path: Path, embedder: Any, content: str, field: str, message: str
+) -> None:
+    source = tmp_path / "bad.jsonl"
+    source.write_text(content)
+    with pytest.raises(ClusteringInputError, match=message):
+        run_clustering(
+            ClusterInput(str(source), text_field=field),
+            str(tmp_path / "out"),
+            ClusterConfig(),
+            embedder=embedder,
+        )
+
+
+def test_missing_input_is_a_clear_error(tmp_path: Path, embedder: Any) -> None:
+    with pytest.raises(ClusteringInputError, match="no such file"):
+        run_clustering(
+            ClusterInput(str(tmp_path / "nope.jsonl")),
+            str(tmp_path / "out"),
+            ClusterConfig(),
+            embedder=embedder,
+        )
+
+
+# --- labelling against a real model over HTTP ------------------------------------------------------------
+
+
+class ChatServer:
+    """SmolLM2-135M (llama.cpp) answering OpenAI-style chat completions on a loopback port.
+
+    `faults` holds HTTP statuses to answer the next requests with, to exercise the client's
+    handling of a server that is briefly unhealthy.
+    """
+
+    def __init__(self) -> None:
+        from llama_cpp import Llama
+
+        from cosmoforge.modelserver import embedded_model_path
+
+        self.llama = Llama(model_path=str(embedded_model_path()), n_ctx=2048, n_threads=2, verbose=False)
+        self.lock = threading.Lock()
+        self.faults: collections.deque[int] = collections.deque()
+        self.requests: list[dict[str, Any]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append(body)
+                if self.path != "/v1/chat/completions":
+                    return self.reply(404, {"error": f"no route {self.path}"})
+                if server.faults:
+                    return self.reply(server.faults.popleft(), {"error": "injected"})
+                with server.lock:
+                    result = server.llama.create_chat_completion(
+                        messages=body["messages"],
+                        max_tokens=body.get("max_tokens", 32),
+                        temperature=body.get("temperature", 0.0),
+                        seed=body.get("seed", 0),
+                    )
+                self.reply(200, dict(result))  # type: ignore[arg-type]  # not streaming: one response
+
+            def reply(self, status: int, payload: dict[str, Any]) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
+        self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+
+
+@pytest.fixture(scope="module")
+def chat_server() -> Iterator[ChatServer]:
+    pytest.importorskip("llama_cpp")
+    server = ChatServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def server(chat_server: ChatServer) -> ChatServer:
+    chat_server.faults.clear()
+    chat_server.requests.clear()
+    return chat_server
+
+
+EXTRACTS = [row["text"] for row in corpus_rows() if row["id"].startswith("astronomy")][:3]
+
+
+def test_answers_that_never_parse_are_retried_then_recorded(server: ChatServer) -> None:
+    client = ChatClient(server.url, max_tokens=1)  # one token can never hold a topic and a score
+    result = label_cluster(EXTRACTS, client, attempts=3, max_chars=120, wait_seconds=0)
+    assert not result.ok and result.attempts == 3 and len(server.requests) == 3
+    assert result.error is not None and result.error.startswith("LabelParseError")
+    assert result.raw is not None  # the last answer is kept for inspection
+    assert [len(request["messages"]) for request in server.requests] == [2, 4, 4]
+    assert all(request["max_tokens"] == 1 and request["seed"] == 42 for request in server.requests)
+
+
+def test_server_errors_are_retried(server: ChatServer) -> None:
+    server.faults.extend([503, 429])
+    result = label_cluster(
+        EXTRACTS, ChatClient(server.url, max_tokens=24), attempts=3, max_chars=120, wait_seconds=0
+    )
+    assert len(server.requests) == 3 and result.attempts == 3
+    # The third request reached the model; whatever it said was parsed or recorded, not raised.
+    assert result.ok or (result.error is not None and result.error.startswith("LabelParseError"))
+
+
+def test_server_errors_that_do_not_pass_are_recorded(server: ChatServer) -> None:
+    server.faults.extend([500, 500])
+    result = label_cluster(EXTRACTS, ChatClient(server.url), attempts=2, wait_seconds=0)
+    assert not result.ok and result.attempts == 2
+    assert result.error is not None and result.error.startswith("EndpointBusy") and "HTTP 500" in result.error
+
+
+def test_a_wrong_endpoint_stops_labelling(server: ChatServer) -> None:
+    with pytest.raises(EndpointError, match="HTTP 404"):
+        label_cluster(EXTRACTS, ChatClient(server.url + "/wrong"), attempts=3, wait_seconds=0)
+    assert len(server.requests) == 1  # not retried: it would fail the same way
+
+
+def test_labelled_run_records_a_label_or_a_failure_per_cluster(
+    tmp_path: Path, embedder: Any, server: ChatServer
+) -> None:
+    config = ClusterConfig(
+        clusters=4,
+        samples_per_label=2,
+        label_chars=120,
+        label_attempts=2,
+        label_wait_seconds=0,
+        min_educational_score=5,
+    )
+    client = ChatClient(server.url, max_tokens=32)
+    summary = run_clustering(
+        ClusterInput(str(CORPUS), id_field="id"),
+        str(tmp_path / "out"),
+        config,
+        embedder=embedder,
+        complete=client,
+    )
+    topics = read_topics(str(tmp_path / "out")).to_pylist()
+    assert len(topics) == 4 and summary.labelled + summary.label_failures == 4
+    assert 4 <= len(server.requests) <= 8
+    for row in topics:
+        assert 1 <= row["label_attempts"] <= 2 and len(row["example_ids"]) == 2
+        if row["label"] is None:
+            assert row["label_error"] and row["kept"] is False and row["reason"] == "label failed"
+        else:
+            assert 0 <= row["score"] <= 10 and row["label_error"] is None
+            result = LabelResult(row["label"], row["score"], row["label_attempts"])
+            assert (row["kept"], row["reason"]) == keep_decision(result, 5, config.exclude_topics)
+    labels = {row["cluster_id"]: row["label"] for row in topics if row["kept"]}
+    mapping = document_topics(str(tmp_path / "out"))
+    assert set(mapping.values()) <= set(labels.values())
+    assert len(mapping) == sum(row["size"] for row in topics if row["kept"])
+
+
+# --- the command line --------------------------------------------------------------------------------------
+
+
+def cosmo_cluster(argv: list[str]) -> int:
+    from cosmoforge import commands_cluster
+
+    parser = argparse.ArgumentParser(prog="cosmo")
+    commands_cluster.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["cluster", *argv])
+    return int(args.func(args))
+
+
+def test_cli_clusters_a_file(tmp_path: Path, embedder: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    code = cosmo_cluster(
+        [str(CORPUS), "--out", str(out), "--clusters", "4", "--id-field", "id", "--no-label"]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert "40 documents (0 empty skipped) -> 4 clusters" in capsys.readouterr().out
+    assert_subjects_separated(assignments(out))
+    for name in ("topics.parquet", "topics.md", "clusters.png", "clusters.html", "summary.json"):
+        assert (out / name).exists(), name
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--clusters", "4"], "labelling needs --endpoint"),
+        (["--no-label", "--text-field", "body"], "field 'body' missing"),
+        (["--endpoint", "http://127.0.0.1:9", "--engine", "openai"], "--engine openai needs --model"),
+        (["--no-label", "--embedding-model", "model2vec:no/such-model"], "cannot load embedding model"),
+    ],
+)
+def test_cli_reports_bad_usage(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    assert cosmo_cluster([str(CORPUS), "--out", str(tmp_path / "out"), *argv]) == 2
+    assert message in capsys.readouterr().err
