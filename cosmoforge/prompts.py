@@ -219,6 +219,17 @@ def _tidy(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(line.rstrip() for line in text.strip().splitlines()))
 
 
+def with_topics(records: Iterator[SeedRecord], topics: Mapping[str, str]) -> Iterator[SeedRecord]:
+    """Records carry the cluster topic of their document unless the seed file already names one."""
+    for record in records:
+        topic = record.topic or topics.get(record.id)
+        if topic != record.topic:
+            record = SeedRecord(
+                record.source, record.kind, record.id, record.text, topic, record.category, record.fields
+            )
+        yield record
+
+
 def build_prompts(
     run: GenerationRun, records: Mapping[str, Iterator[SeedRecord]] | None = None
 ) -> Iterator[Prompt]:
@@ -230,5 +241,9 @@ def build_prompts(
         quotas = {s.name: round(run.spec.prompts.limit * s.weight / total_weight) for s in seeds}
     for source in seeds:
         stream = records[source.name] if records is not None else read_seed(source)
+        if source.topics_uri is not None:
+            from cosmoforge.clustering.pipeline import document_topics
+
+            stream = with_topics(stream, document_topics(source.topics_uri, source.id_field))
         prompts = prompts_for_source(run, stream, source.kind, source.name)
         yield from itertools.islice(prompts, quotas[source.name])

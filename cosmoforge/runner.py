@@ -228,33 +228,75 @@ async def _drive(
             await nc.close()
 
 
+class Services:
+    """The queue and the model, started on first use: a resumed run with nothing left starts neither."""
+
+    def __init__(self, stack: contextlib.ExitStack, run: GenerationRun, console: Console):
+        self.stack, self.run, self.console = stack, run, console
+        self._nats: str | None = None
+        self._endpoint = run.spec.generation.endpoint
+
+    def nats_url(self) -> str:
+        if self._nats is None:
+            server = queue.EmbeddedNats()
+            self.stack.callback(server.close)
+            self._nats = server.start().url
+        return self._nats
+
+    def endpoint(self) -> str:
+        if self._endpoint is None:
+            self.console.print("starting the embedded model (SmolLM2-135M-Instruct on llama.cpp)")
+            model = ModelServer()
+            self.stack.callback(model.stop)
+            self._endpoint = model.start().url
+        return self._endpoint
+
+
+def cluster_web_seeds(run: GenerationRun, store: RunStore, services: Services, console: Console) -> None:
+    """Give web sources without topics the topics of their clusters (spec.clustering)."""
+    spec = run.spec.clustering
+    if spec is None or not spec.enabled:
+        return
+    for source in run.spec.seeds:
+        if source.kind != "web" or source.topic_field or source.topics_uri:
+            continue
+        out = store.url("topics", source.name)
+        if store.read_text(f"topics/{source.name}/summary.json") is None:
+            from cosmoforge.clustering.label import ChatClient
+            from cosmoforge.clustering.pipeline import ClusterConfig, ClusterInput, run_clustering
+
+            console.print(f"clustering {source.name} into {spec.clusters} topics")
+            run_clustering(
+                ClusterInput(source.uri, source.text_field, source.id_field, source.format),
+                out,
+                ClusterConfig.from_spec(spec),
+                complete=ChatClient(services.endpoint(), model=run.spec.generation.model,
+                                    engine=str(run.spec.generation.engine)),
+            )  # fmt: skip
+        source.topics_uri = out
+
+
 def run_embedded(run: GenerationRun, output: str | None = None, console: Console | None = None) -> RunSummary:
     console = console or Console(stderr=True)
     output_uri = output or run.spec.output.uri
     store = RunStore.open(output_uri, run.name)
     summary = RunSummary(run=run.name, output=store.uri)
     store.write_text("spec.yaml", dump_run(run))
-    summary.prompts = write_prompts(store, build_prompts(run))
-    console.print(f"[bold]{run.name}[/]: {summary.prompts} prompts -> {store.uri}")
+    with contextlib.ExitStack() as stack:
+        services = Services(stack, run, console)
+        cluster_web_seeds(run, store, services, console)
+        summary.prompts = write_prompts(store, build_prompts(run))
+        console.print(f"[bold]{run.name}[/]: {summary.prompts} prompts -> {store.uri}")
 
-    wanted = store.ids_in(PROMPTS)
-    done = store.ids_in(GENERATIONS) & wanted
-    summary.already_done = len(done)
-    todo = summary.prompts - len(done)
-    if todo == 0:
-        console.print("every prompt already has a completion: nothing to generate")
-    else:
-        with contextlib.ExitStack() as stack:
-            server = queue.EmbeddedNats()
-            stack.callback(server.close)
-            server.start()
-            endpoint = run.spec.generation.endpoint
-            if endpoint is None:
-                console.print("starting the embedded model (SmolLM2-135M-Instruct on llama.cpp)")
-                model = ModelServer()
-                stack.callback(model.stop)
-                endpoint = model.start().url
-            asyncio.run(_drive(run, store, done, server.url, endpoint, summary, console))
+        wanted = store.ids_in(PROMPTS)
+        done = store.ids_in(GENERATIONS) & wanted
+        summary.already_done = len(done)
+        todo = summary.prompts - len(done)
+        if todo == 0:
+            console.print("every prompt already has a completion: nothing to generate")
+        else:
+            endpoint = services.endpoint()
+            asyncio.run(_drive(run, store, done, services.nats_url(), endpoint, summary, console))
 
     result = compact(store, keep=wanted)
     summary.dataset = result

@@ -91,6 +91,9 @@ class SeedSource(Strict):
     text_field: str = Field(default="text", min_length=1)
     id_field: str | None = None
     topic_field: str | None = Field(default=None, description="Column with a cluster topic (web seeds).")
+    topics_uri: str | None = Field(
+        default=None, description="Output folder of `cosmo cluster` over this source: topics by document id."
+    )
     category_field: str | None = Field(default=None, description="Column with a source/category.")
     exclude_categories: list[str] = Field(
         default_factory=lambda: ["glaive-code-assist", "camelai", "code", "coding"],

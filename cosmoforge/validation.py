@@ -50,6 +50,8 @@ def load_file(path: str | Path) -> GenerationRun:
     base = Path(path).resolve().parent
     for seed in run.spec.seeds:
         seed.uri = resolve_uri(seed.uri, base)
+        if seed.topics_uri is not None:
+            seed.topics_uri = resolve_uri(seed.topics_uri, base)
     training = run.spec.training
     if training is not None:
         if training.tokenizer.startswith(PACKAGE_SCHEME) or training.tokenizer.startswith("."):

@@ -163,3 +163,44 @@ def test_template_override_is_used_and_versioned_by_content() -> None:
     assert math[0].template_version.startswith("user-")
     web = [p for p in build_prompts(run) if p.seed_source == "web"]
     assert web[0].template_version == "1"
+
+
+def test_web_prompts_carry_the_topic_of_their_cluster(tmp_path: Path) -> None:
+    """`cosmo cluster` output joins web seeds by document id; conditioning follows the share."""
+    from conftest import REPO
+    from cosmoforge.clustering.pipeline import ClusterConfig, ClusterInput, run_clustering
+    from cosmoforge.spec import ClusteringSpec
+
+    corpus = REPO / "tests" / "data" / "clustering" / "subjects.jsonl"
+    rows = [json.loads(line) for line in corpus.read_text().splitlines()]
+    subjects = {row["id"]: row["subject"] for row in rows}
+
+    def label(messages: list[dict[str, str]]) -> str:
+        # Stands in for the LLM: names the subject most of the members shown to it belong to.
+        shown = messages[-1]["content"]
+        counts = collections.Counter(row["subject"] for row in rows if row["text"][:40] in shown)
+        return json.dumps({"topic": f"all about {counts.most_common(1)[0][0]}", "score": 8})
+
+    config = ClusterConfig.from_spec(ClusteringSpec(clusters=4))
+    out = str(tmp_path / "topics")
+    run_clustering(ClusterInput(str(corpus), "text", "id"), out, config, complete=label)
+    document = small_run()
+    document["spec"]["seeds"] = [
+        {"name": "web", "kind": "web", "uri": str(corpus), "idField": "id", "topicsUri": out}
+    ]
+    for share in (1.0, 0.5):
+        document["spec"]["prompts"]["topicConditioning"] = share
+        prompts = list(build_prompts(parse_run(document)))
+        conditioned = [p for p in prompts if p.topic is not None]
+        assert len(prompts) == 40
+        assert all(p.topic.startswith("all about ") for p in conditioned)  # type: ignore[union-attr]
+        if share == 1.0:
+            assert len(conditioned) == 40
+            by_subject = collections.defaultdict(set)
+            for p in prompts:
+                by_subject[subjects[p.seed_id]].add(p.topic)
+            assert {subject: topics.pop() for subject, topics in by_subject.items() if len(topics) == 1} == {
+                subject: f"all about {subject}" for subject in set(subjects.values())
+            }
+        else:
+            assert 10 <= len(conditioned) <= 30
