@@ -1,0 +1,860 @@
+"""Benchmark decontamination: remove generated documents that contain evaluation benchmark samples.
+
+A model trained on text that quotes its test questions scores well for the wrong reason, so
+Cosmopedia drops every document that reproduces a benchmark sample. The recipe, stated
+precisely (all sizes are parameters of `Config`):
+
+1. Normalize a text: Unicode NFD, drop every character of general category M (combining
+   marks), lowercase, keep the word tokens `\\w+`. The normalized text is those tokens joined
+   by single spaces.
+2. Candidates: a document is a candidate for a benchmark item when they share a word n-gram
+   (n = 10). An item with fewer than n tokens is indexed whole, as its full token sequence, so
+   a document is its candidate when it contains that sequence.
+3. Verify every candidate item: `SequenceMatcher(None, doc, item, autojunk=False)` on the two
+   normalized texts; matched = total size of the matching blocks longer than `min_block_chars`
+   (5) characters; ratio = matched / len(item). The document is contaminated when
+   ratio > threshold (0.5). Candidates at or under the threshold are near-misses, kept for audit.
+   One shortcut: once a document holds a whole item of a benchmark (ratio exactly 1), the other
+   candidates of that benchmark are tested for whole copies only, not scored; they cannot change
+   the verdict or the best match, which is what the report counts.
+
+Where the published scripts go wrong, this module does not: it checks every item sharing an
+n-gram with the document (not only the first hit), keeps every item per n-gram (a dict keyed
+by n-gram keeps only the last one), matches items shorter than n words, and gives the same
+answer for any worker count or `PYTHONHASHSEED` (hashes are computed from bytes, never with
+`hash()`).
+
+Speed comes from integers, not from changing the answer: n-gram hashes of a whole batch come
+from prefix sums over its bytes in a few numpy passes; the index is a sorted `uint64` array
+with the owning item per entry, looked up with `np.searchsorted` behind a bit filter; only
+candidates reach SequenceMatcher, on texts shortened in a way that provably keeps the ratio
+(see "verification" below), and a document holding the whole normalized item skips it (its
+first block is then the entire item: ratio 1). SequenceMatcher comes from `cydifflib` when
+installed, a C++ port of difflib that returns the same blocks, and from `difflib` otherwise.
+Batches run on every core in forked workers that inherit the index.
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing
+import os
+import re
+import unicodedata
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+NGRAM = 10
+THRESHOLD = 0.5
+MIN_BLOCK_CHARS = 5
+MAX_NGRAM = 256
+BATCH_SIZE = 256  # documents per batch at most
+BATCH_CHARS = 1 << 19  # and about this many characters: numpy's per-call cost is shared, workers stay busy
+
+
+class DecontamError(ValueError):
+    """A problem with the user's input or settings; the CLI prints it as one line."""
+
+
+def _sequence_matcher() -> Callable[..., Any]:
+    try:
+        return importlib.import_module("cydifflib").SequenceMatcher
+    except ImportError:
+        return importlib.import_module("difflib").SequenceMatcher
+
+
+SequenceMatcher = _sequence_matcher()
+
+
+@dataclass(frozen=True)
+class Config:
+    ngram: int = NGRAM
+    threshold: float = THRESHOLD
+    min_block_chars: int = MIN_BLOCK_CHARS
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.ngram <= MAX_NGRAM:
+            raise DecontamError(f"ngram must be between 1 and {MAX_NGRAM}, got {self.ngram}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise DecontamError(f"threshold must be between 0 and 1, got {self.threshold}")
+        if self.min_block_chars < 0:
+            raise DecontamError(f"min_block_chars must be at least 0, got {self.min_block_chars}")
+
+
+@dataclass(frozen=True)
+class BenchmarkItem:
+    """One benchmark sample as evaluation sees it (question plus correct answer)."""
+
+    benchmark: str
+    index: int  # row number in the benchmark split, so a finding can be looked up
+    text: str
+
+
+@dataclass(frozen=True)
+class Match:
+    """A verified candidate: which item, how much of it the document holds, and the evidence."""
+
+    item_id: int  # position in Index.items
+    benchmark: str
+    item_index: int
+    item_text: str
+    ngram: str  # the first shared n-gram (or whole short item), normalized
+    shared_ngrams: int
+    ratio: float
+
+
+@dataclass(frozen=True)
+class Verdict:
+    contaminated: bool
+    matches: tuple[Match, ...] = ()  # ratio > threshold, highest ratio first
+    near_misses: tuple[Match, ...] = ()  # candidates at or under the threshold
+    tokens: int = 0
+    skipped: int = 0  # candidates left unscored: their benchmark is settled by a whole copy
+
+    @property
+    def best(self) -> Match | None:
+        return self.matches[0] if self.matches else None
+
+
+# --- normalization -------------------------------------------------------------------------
+
+_WORD = re.compile(r"\w+")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+# For ASCII text `\w` is [A-Za-z0-9_]: mapping everything else to spaces and splitting gives
+# the same tokens as the regex at a fraction of the cost.
+_ASCII_NON_WORD = str.maketrans({c: " " for c in range(128) if not (chr(c).isalnum() or chr(c) == "_")})
+
+
+@lru_cache(maxsize=65536)
+def _non_ascii_role(char: str) -> str:
+    """ "mark", "word" (what `\\w` matches) or "other", for one non-ASCII character."""
+    if unicodedata.category(char).startswith("M"):
+        return "mark"
+    return "word" if char.isalnum() or char == "_" else "other"
+
+
+def normalize(text: str) -> str:
+    """NFD, no combining marks (general category M), lowercase, `\\w+` tokens joined by spaces."""
+    if not text.isascii():
+        text = unicodedata.normalize("NFD", text)
+        # Few distinct non-ASCII characters occur in a text, mostly marks and punctuation:
+        # deleting marks and blanking punctuation with str.replace usually leaves ASCII text,
+        # which the fast path below handles; words in other scripts go through the regex.
+        for char in {c for run in _NON_ASCII.findall(text) for c in run}:
+            role = _non_ascii_role(char)
+            if role != "word":
+                text = text.replace(char, "" if role == "mark" else " ")
+        if not text.isascii():
+            return " ".join(_WORD.findall(text.lower()))
+    return " ".join(text.lower().translate(_ASCII_NON_WORD).split())
+
+
+def tokenize(text: str) -> list[str]:
+    return normalize(text).split()
+
+
+# --- hashing -------------------------------------------------------------------------------
+#
+# An n-gram's hash is a polynomial hash of its normalized bytes (tokens joined by one space),
+# finished with a 64-bit mixer. Prefix sums give every n-gram of a whole batch in a few numpy
+# passes: with R the inverse of the odd base B modulo 2**64, S[t] = sum(byte[u] * R**u, u < t),
+# and the hash of bytes [s, e) is (S[e] - S[s]) * B**(e - 1). Values depend on the bytes only,
+# never on the process, the worker count or PYTHONHASHSEED.
+
+_BASE = 0x100000001B3
+_BASE_INVERSE = pow(_BASE, -1, 1 << 64)
+_POWERS_CACHED = 1 << 22
+
+
+@lru_cache(maxsize=1)
+def _cached_powers() -> tuple[np.ndarray, np.ndarray]:
+    return _powers_of(_BASE, _POWERS_CACHED), _powers_of(_BASE_INVERSE, _POWERS_CACHED)
+
+
+def _powers_of(base: int, count: int) -> np.ndarray:
+    powers = np.full(count, base, dtype=np.uint64)
+    powers[0] = 1
+    return np.cumprod(powers, dtype=np.uint64)  # wraps modulo 2**64, as intended
+
+
+def _powers(count: int) -> tuple[np.ndarray, np.ndarray]:
+    if count <= _POWERS_CACHED:
+        forward, inverse = _cached_powers()
+        return forward[:count], inverse[:count]
+    return _powers_of(_BASE, count), _powers_of(_BASE_INVERSE, count)
+
+
+def _mix(values: np.ndarray) -> np.ndarray:
+    # MurmurHash3's 64-bit finalizer spreads the polynomial's low-entropy high bits.
+    values = values ^ (values >> np.uint64(33))
+    values = values * np.uint64(0xFF51AFD7ED558CCD)
+    values = values ^ (values >> np.uint64(33))
+    values = values * np.uint64(0xC4CEB9FE1A85EC53)
+    return values ^ (values >> np.uint64(33))
+
+
+@dataclass(frozen=True)
+class _Tokens:
+    """Every token of a batch of normalized texts, located in their joined UTF-8 bytes."""
+
+    prefix: np.ndarray  # uint64 S[t] over the joined bytes, S[0] = 0
+    forward: np.ndarray  # uint64 B**t
+    starts: np.ndarray  # int64 byte offset of each token
+    ends: np.ndarray  # int64 byte offset just past each token
+    text_of: np.ndarray  # int64 which text each token belongs to
+    first_token: np.ndarray  # int64 index of each text's first token
+    counts: np.ndarray  # int64 tokens per text
+
+
+def _locate(texts: Sequence[str]) -> _Tokens:
+    data = np.frombuffer("\n".join(texts).encode("utf-8"), dtype=np.uint8)
+    forward, inverse = _powers(data.size + 1)
+    prefix = np.zeros(data.size + 1, dtype=np.uint64)
+    np.cumsum(data.astype(np.uint64) * inverse[: data.size], out=prefix[1:])
+    # Normalized text holds word bytes (all > 32, UTF-8 continuation bytes included), single
+    # spaces between tokens and the newline between texts.
+    edges = np.diff((data > 32).astype(np.int8), prepend=np.int8(0), append=np.int8(0))
+    starts = np.flatnonzero(edges == 1)
+    ends = np.flatnonzero(edges == -1)
+    text_of = np.searchsorted(np.flatnonzero(data == 10), starts)
+    counts = np.bincount(text_of, minlength=len(texts)).astype(np.int64)
+    return _Tokens(prefix, forward, starts, ends, text_of, np.cumsum(counts) - counts, counts)
+
+
+def _grams(tokens: _Tokens, k: int, at: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(first token index, hash) of every run of k tokens inside one text (starting `at` only)."""
+    count = tokens.starts.size
+    first = np.arange(max(count - k + 1, 0)) if at is None else at[at + (k - 1) < count]
+    first = first[tokens.text_of[first] == tokens.text_of[first + (k - 1)]]
+    start, end = tokens.starts[first], tokens.ends[first + (k - 1)]
+    hashes = (tokens.prefix[end] - tokens.prefix[start]) * tokens.forward[end - 1]
+    return first, _mix(hashes)
+
+
+def gram_hashes(text: str, k: int) -> np.ndarray:
+    """Hash of each k-gram of a text's normalized tokens, the same integers the index holds."""
+    return _grams(_locate([normalize(text)]), k)[1]
+
+
+# --- index ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Index:
+    """Benchmark n-grams as sorted integers; built once, read by every worker."""
+
+    config: Config
+    items: tuple[BenchmarkItem, ...]
+    normalized: tuple[str, ...]
+    keys: np.ndarray  # uint64, sorted
+    owners: np.ndarray  # int32 item id of each key
+    lengths: tuple[int, ...]  # gram lengths present: n, plus the lengths of short items
+    bits: np.ndarray  # uint8 bit filter over the top `filter_bits` bits of each key
+    filter_bits: int
+    short_heads: np.ndarray  # uint64 sorted hashes of the first token of every short item
+    unmatchable: tuple[int, ...] = ()  # item ids too short to ever exceed the threshold
+
+    @property
+    def benchmarks(self) -> list[str]:
+        return sorted({item.benchmark for item in self.items})
+
+    def items_per_benchmark(self) -> dict[str, int]:
+        return dict(Counter(item.benchmark for item in self.items))
+
+
+def _filter_size(keys: int) -> int:
+    # 64 to 128 bits per key keep false positives near 1 %, so few grams reach the binary
+    # search; the table is 8 KiB to 128 MiB.
+    return min(30, max(16, int(np.ceil(np.log2(max(keys, 1) * 64)))))
+
+
+def _bit_filter(keys: np.ndarray, bits: int) -> np.ndarray:
+    table = np.zeros(1 << (bits - 3), dtype=np.uint8)
+    slots = keys >> np.uint64(64 - bits)
+    np.bitwise_or.at(
+        table, (slots >> np.uint64(3)).astype(np.int64), np.left_shift(1, slots & 7).astype(np.uint8)
+    )
+    return table
+
+
+def _maybe_in(keys: np.ndarray, index: Index) -> np.ndarray:
+    slots = keys >> np.uint64(64 - index.filter_bits)
+    return (
+        (index.bits[(slots >> np.uint64(3)).astype(np.int64)] >> (slots & 7).astype(np.uint8)) & 1
+    ).astype(bool)
+
+
+def build_index(items: Iterable[BenchmarkItem], config: Config | None = None) -> Index:
+    """Index every n-gram of every item (short items whole), keeping every owner of an n-gram."""
+    config = config or Config()
+    items = tuple(items)
+    normalized = [normalize(item.text) for item in items]
+    tokens = _locate(normalized)
+    # An item of k < n tokens is one k-gram; longer items give their n-grams.
+    gram_length = np.minimum(tokens.counts, config.ngram)
+    matchable = np.array([len(text) > config.min_block_chars for text in normalized], dtype=bool)
+    key_parts, owner_parts = [], []
+    lengths = sorted(set(gram_length[matchable & (gram_length > 0)].tolist()))
+    for k in lengths:
+        first, hashes = _grams(tokens, k)
+        owner = tokens.text_of[first]
+        wanted = (gram_length[owner] == k) & matchable[owner]
+        key_parts.append(hashes[wanted])
+        owner_parts.append(owner[wanted].astype(np.int32))
+    keys = np.concatenate(key_parts) if key_parts else np.empty(0, dtype=np.uint64)
+    owners = np.concatenate(owner_parts) if owner_parts else np.empty(0, dtype=np.int32)
+    order = np.lexsort((owners, keys))
+    keys, owners = keys[order], owners[order]
+    # An n-gram repeated inside one item is one entry.
+    distinct = np.ones(keys.size, dtype=bool)
+    distinct[1:] = (keys[1:] != keys[:-1]) | (owners[1:] != owners[:-1])
+    keys, owners = keys[distinct], owners[distinct]
+    heads, head_hashes = _grams(tokens, 1, tokens.first_token)
+    short = (gram_length[tokens.text_of[heads]] < config.ngram) & matchable[tokens.text_of[heads]]
+    bits = _filter_size(keys.size)
+    return Index(
+        config=config,
+        items=items,
+        normalized=tuple(normalized),
+        keys=keys,
+        owners=owners,
+        lengths=tuple(lengths),
+        bits=_bit_filter(keys, bits),
+        filter_bits=bits,
+        short_heads=np.unique(head_hashes[short]),
+        unmatchable=tuple(np.flatnonzero(~matchable).tolist()),
+    )
+
+
+# --- candidates ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Hits:
+    """Shared grams of a batch, one row per (document, item) pair."""
+
+    docs: np.ndarray  # int64 document number in the batch
+    items: np.ndarray  # int64 item id
+    first: np.ndarray  # int64 token position (in the document) of the first shared gram
+    length: np.ndarray  # int64 length of that gram
+    count: np.ndarray  # int64 number of shared gram positions
+
+
+def _lookup(grams: np.ndarray, index: Index) -> tuple[np.ndarray, np.ndarray]:
+    """(gram number, key slot) for every key equal to one of the grams."""
+    maybe = np.flatnonzero(_maybe_in(grams, index))
+    if maybe.size == 0:
+        return maybe, maybe
+    wanted = grams[maybe]
+    left = np.searchsorted(index.keys, wanted, side="left")
+    found = index.keys[np.minimum(left, index.keys.size - 1)] == wanted
+    maybe, left, wanted = maybe[found], left[found], wanted[found]
+    counts = np.searchsorted(index.keys, wanted, side="right") - left
+    total = int(counts.sum())
+    # Expand each [left, right) run into its slots without a Python loop.
+    run_start = np.repeat(np.cumsum(counts) - counts, counts)
+    slots = np.repeat(left, counts) + (np.arange(total) - run_start)
+    return np.repeat(maybe, counts), slots
+
+
+def _short_starts(tokens: _Tokens, index: Index) -> np.ndarray:
+    """Tokens that begin some short item: the only places a short item can start."""
+    first, hashes = _grams(tokens, 1)
+    if index.short_heads.size == 0 or first.size == 0:
+        return first[:0]
+    slot = np.minimum(np.searchsorted(index.short_heads, hashes), index.short_heads.size - 1)
+    return first[index.short_heads[slot] == hashes]
+
+
+def _batch_hits(normalized: Sequence[str], index: Index) -> _Hits:
+    tokens = _locate(normalized)
+    has_short = any(k < index.config.ngram for k in index.lengths)
+    short_starts = _short_starts(tokens, index) if has_short else None
+    found_docs, found_items, found_pos, found_len = [], [], [], []
+    for k in index.lengths:
+        first, grams = _grams(tokens, k, short_starts if k < index.config.ngram else None)
+        numbers, slots = _lookup(grams, index)
+        token = first[numbers]
+        doc = tokens.text_of[token]
+        found_docs.append(doc)
+        found_items.append(index.owners[slots].astype(np.int64))
+        found_pos.append(token - tokens.first_token[doc])
+        found_len.append(np.full(token.size, k, dtype=np.int64))
+    if not found_docs:
+        empty = np.empty(0, dtype=np.int64)
+        return _Hits(empty, empty, empty, empty, empty)
+    docs = np.concatenate(found_docs)
+    items = np.concatenate(found_items)
+    pos = np.concatenate(found_pos)
+    length = np.concatenate(found_len)
+    order = np.lexsort((pos, items, docs))
+    docs, items, pos, length = docs[order], items[order], pos[order], length[order]
+    pair = docs * (len(index.items) + 1) + items
+    _, first, count = np.unique(pair, return_index=True, return_counts=True)
+    return _Hits(docs[first], items[first], pos[first], length[first], count)
+
+
+# --- verification --------------------------------------------------------------------------
+#
+# SequenceMatcher's cost grows with the document's length times the item's, and it is run for
+# every candidate item, so it is fed shorter strings that provably give the same ratio. Only
+# blocks longer than `min_block_chars` (m) count. A character that lies in no common substring
+# of length m + 1 or more can only ever be part of shorter blocks, so every such run in either
+# text is replaced by one separator that the other text lacks. That keeps every counting common
+# substring, in the same order, and creates none (none can cross a separator); find_longest_match
+# picks the longest block, first in the document, then in the item, and order is kept, so the
+# counting blocks and their recursion are unchanged. A sub-range whose longest block is at most
+# m chars adds nothing in either version. Positions are found by hashing every (m+1)-character
+# window; a hash collision can only keep extra characters, never drop a needed one.
+
+_CHAR_MULTIPLIER = np.uint64(0x100000001B3)
+_DOC_SEPARATOR = 0x0  # neither occurs in normalized text (word characters and spaces only)
+_ITEM_SEPARATOR = 0x1
+
+
+@dataclass(frozen=True)
+class _Side:
+    """A normalized text with the hashes of its (m+1)-character windows, sorted two ways.
+
+    A document needs the positions sorted by hash (`order`, `sorted_windows`); an item needs
+    its distinct hashes (`unique`, `inverse`). Each side computes only what its role needs.
+    """
+
+    text: str
+    codes: np.ndarray  # uint32 code points
+    order: np.ndarray  # window start positions, sorted by window hash
+    sorted_windows: np.ndarray  # window hashes in that order
+    unique: np.ndarray  # distinct window hashes, sorted
+    inverse: np.ndarray  # for each position, its window's slot in `unique`
+
+
+def _windows(codes: np.ndarray, width: int) -> np.ndarray:
+    count = max(codes.size - width + 1, 0)
+    wide = codes.astype(np.uint64)
+    windows = wide[:count].copy()
+    for offset in range(1, width):
+        windows = windows * _CHAR_MULTIPLIER + wide[offset : offset + count]
+    return windows
+
+
+def _side(text: str, width: int, role: str) -> _Side:
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    windows = _windows(codes, width)
+    empty = np.empty(0, dtype=np.int64)
+    if role == "doc":
+        order = np.argsort(windows, kind="stable")
+        return _Side(text, codes, order, windows[order], empty.astype(np.uint64), empty)
+    unique, inverse = np.unique(windows, return_inverse=True)
+    return _Side(text, codes, empty, empty.astype(np.uint64), unique, inverse)
+
+
+def _spread(starts: np.ndarray, width: int, length: int) -> np.ndarray:
+    """Positions covered by a window of `width` starting at any marked start."""
+    if length == 0:
+        return np.zeros(0, dtype=bool)
+    return np.convolve(starts, np.ones(width, dtype=np.int32))[:length] > 0
+
+
+def _covered(doc: _Side, item: _Side, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of each text inside some common substring of at least `width` characters."""
+    left = np.searchsorted(doc.sorted_windows, item.unique, side="left")
+    right = np.searchsorted(doc.sorted_windows, item.unique, side="right")
+    shared = right > left
+    item_starts = np.zeros(item.codes.size, dtype=np.int32)
+    item_starts[: item.inverse.size] = shared[item.inverse]
+    counts = (right - left)[shared]
+    run_start = np.repeat(np.cumsum(counts) - counts, counts)
+    slots = np.repeat(left[shared], counts) + (np.arange(int(counts.sum())) - run_start)
+    doc_starts = np.zeros(doc.codes.size, dtype=np.int32)
+    doc_starts[doc.order[slots]] = 1
+    return _spread(doc_starts, width, doc.codes.size), _spread(item_starts, width, item.codes.size)
+
+
+def _collapse(side: _Side, covered: np.ndarray, separator: int) -> str:
+    if covered.all():
+        return side.text
+    run_start = ~covered & np.concatenate(([True], covered[:-1]))
+    codes = np.where(covered, side.codes, np.uint32(separator))[covered | run_start]
+    return codes.tobytes().decode("utf-32-le")
+
+
+def _matched_chars(doc: str, item: str, min_block_chars: int) -> int:
+    blocks = SequenceMatcher(None, doc, item, autojunk=False).get_matching_blocks()
+    return sum(block.size for block in blocks if block.size > min_block_chars)
+
+
+class _Document:
+    """A candidate document; its windows are hashed only once SequenceMatcher must run."""
+
+    def __init__(self, text: str, width: int) -> None:
+        self.text = text
+        self._width = width
+        self._side: _Side | None = None
+
+    @property
+    def side(self) -> _Side:
+        if self._side is None:
+            self._side = _side(self.text, self._width, "doc")
+        return self._side
+
+
+def _ratio(document: _Document, item: _Side, min_block_chars: int) -> float:
+    length = len(item.text)
+    if length <= min_block_chars:
+        return 0.0  # no block can be longer than the item
+    if item.text in document.text:
+        # SequenceMatcher's first block is the longest common substring, here the whole item,
+        # and nothing is left beside it: the ratio is exactly 1 without running it.
+        return 1.0
+    doc = document.side
+    doc_covered, item_covered = _covered(doc, item, min_block_chars + 1)
+    if not item_covered.any():
+        return 0.0
+    doc_text = _collapse(doc, doc_covered, _DOC_SEPARATOR)
+    item_text = _collapse(item, item_covered, _ITEM_SEPARATOR)
+    return _matched_chars(doc_text, item_text, min_block_chars) / length
+
+
+def match_ratio(doc: str, item: str, min_block_chars: int = MIN_BLOCK_CHARS) -> float:
+    """len(joined SequenceMatcher blocks longer than min_block_chars) / len(item), on normalized texts.
+
+    Equal to running `SequenceMatcher(None, doc, item, autojunk=False)` on the texts as given.
+    """
+    width = min_block_chars + 1
+    return _ratio(_Document(doc, width), _side(item, width, "item"), min_block_chars)
+
+
+_ITEM_SIDES_LIMIT = 1 << 14
+_item_sides: dict[tuple[int, int], _Side] = {}
+
+
+def _item_side(index: Index, item_id: int) -> _Side:
+    # Boilerplate n-grams (MMLU's moral scenarios share a 25-word stem) make the same items
+    # candidates of many documents; their windows are hashed once per worker.
+    key = (id(index), item_id)
+    side = _item_sides.get(key)
+    if side is None:
+        if len(_item_sides) >= _ITEM_SIDES_LIMIT:
+            _item_sides.clear()
+        side = _item_sides[key] = _side(index.normalized[item_id], index.config.min_block_chars + 1, "item")
+    return side
+
+
+def _sort_key(match: Match) -> tuple[float, str, int]:
+    return (-match.ratio, match.benchmark, match.item_index)
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    item_id: int
+    first: int  # token position of the first shared gram in the document
+    length: int  # its length in tokens
+    count: int  # shared gram positions
+
+
+def _verify(text: str, candidates: Sequence[_Candidate], index: Index) -> Verdict:
+    """Ratios of a document's candidate items, whole copies first.
+
+    A document holding a whole normalized item is removed, with that item as its best match in
+    that item's benchmark (ratio 1, the highest there is). Other candidates of the same benchmark
+    are then still tested for whole copies but not run through SequenceMatcher: nothing they
+    could show changes the document's fate or its best match. This matters for items that share
+    long stems (MMLU's 895 moral scenarios): one copied scenario makes all of them candidates.
+    """
+    minimum = index.config.min_block_chars
+    document = _Document(text, minimum + 1)
+    words = text.split(" ")
+
+    def match(candidate: _Candidate, ratio: float) -> Match:
+        item = index.items[candidate.item_id]
+        return Match(
+            item_id=candidate.item_id,
+            benchmark=item.benchmark,
+            item_index=item.index,
+            item_text=item.text,
+            ngram=" ".join(words[candidate.first : candidate.first + candidate.length]),
+            shared_ngrams=candidate.count,
+            ratio=ratio,
+        )
+
+    found, pending, settled = [], [], set()
+    for candidate in candidates:
+        item_text = index.normalized[candidate.item_id]
+        if len(item_text) > minimum and item_text in text:
+            found.append(match(candidate, 1.0))
+            settled.add(index.items[candidate.item_id].benchmark)
+        else:
+            pending.append(candidate)
+    skipped = 0
+    for candidate in pending:
+        if index.items[candidate.item_id].benchmark in settled:
+            skipped += 1
+            continue
+        found.append(match(candidate, _ratio(document, _item_side(index, candidate.item_id), minimum)))
+    found.sort(key=_sort_key)
+    above = tuple(m for m in found if m.ratio > index.config.threshold)
+    below = tuple(m for m in found if m.ratio <= index.config.threshold)
+    return Verdict(bool(above), above, below, len(words) if text else 0, skipped)
+
+
+def check_batch(docs: Sequence[str], index: Index) -> list[Verdict]:
+    """Verdicts for a batch of documents, in order."""
+    normalized = [normalize(doc) for doc in docs]
+    hits = _batch_hits(normalized, index)
+    candidates: dict[int, list[_Candidate]] = defaultdict(list)
+    for doc, item_id, first, length, count in zip(
+        hits.docs.tolist(),
+        hits.items.tolist(),
+        hits.first.tolist(),
+        hits.length.tolist(),
+        hits.count.tolist(),
+        strict=True,
+    ):
+        candidates[doc].append(_Candidate(item_id, first, length, count))
+    return [
+        _verify(text, candidates[number], index)
+        if number in candidates
+        else Verdict(False, tokens=text.count(" ") + 1 if text else 0)
+        for number, text in enumerate(normalized)
+    ]
+
+
+def check(doc: str, index: Index) -> Verdict:
+    return check_batch([doc], index)[0]
+
+
+# --- running on every core -----------------------------------------------------------------
+
+_installed: Index | None = None
+
+
+def _install(index: Index) -> None:
+    global _installed
+    _installed = index
+
+
+def _check_installed(docs: Sequence[str]) -> list[Verdict]:
+    assert _installed is not None, "worker started without an index"
+    return check_batch(docs, _installed)
+
+
+def _batches(docs: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    chars = 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc)
+        if len(batch) >= size or chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _start_method() -> str:
+    # Fork hands the index to each worker by copy-on-write memory, never by pickling; where
+    # fork is missing the index is pickled once per worker at start, still never per batch.
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class Checker:
+    """Worker processes that hold the index, started once and reused for every corpus.
+
+    A long-running worker (or a benchmark) pays the start only once; `check_all` below is the
+    one-shot form.
+    """
+
+    def __init__(self, index: Index, workers: int | None = None, batch_size: int = BATCH_SIZE) -> None:
+        self.index = index
+        self.workers = default_workers() if workers is None else workers
+        self.batch_size = batch_size
+        self._pool: Any = None
+        if self.workers > 1:
+            context = multiprocessing.get_context(_start_method())
+            self._pool = context.Pool(self.workers, initializer=_install, initargs=(index,))
+
+    def check_all(self, docs: Iterable[str]) -> Iterator[Verdict]:
+        """Verdicts in input order; the same ones whatever the worker count."""
+        batches = _batches(docs, self.batch_size)
+        if self._pool is None:
+            for batch in batches:
+                yield from check_batch(batch, self.index)
+            return
+        for verdicts in self._pool.imap(_check_installed, batches, chunksize=1):
+            yield from verdicts
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+    def __enter__(self) -> Checker:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def check_all(
+    docs: Iterable[str], index: Index, workers: int | None = None, batch_size: int = BATCH_SIZE
+) -> Iterator[Verdict]:
+    """Verdicts in input order; the same ones whatever `workers` is."""
+    with Checker(index, workers, batch_size) as checker:
+        yield from checker.check_all(docs)
+
+
+# --- report --------------------------------------------------------------------------------
+
+NO_GROUP = "(none)"
+NEAR_MISS_LIMIT = 1000
+
+
+@dataclass
+class _Tally:
+    removed: int = 0
+    items: set[int] = field(default_factory=set)
+
+    def add(self, item_ids: set[int]) -> None:
+        self.removed += 1
+        self.items |= item_ids
+
+    def as_dict(self) -> dict[str, int]:
+        return {"removed": self.removed, "unique_items": len(self.items)}
+
+
+def build_report(
+    verdicts: Sequence[Verdict],
+    index: Index,
+    groups: Sequence[str | None] | None = None,
+    empty_documents: int = 0,
+) -> dict[str, Any]:
+    """The blog's table (removed documents and, apart, the unique items behind them) and more.
+
+    A removed document corresponds to its best-matching item in each benchmark it matches, and
+    counts once under each of those benchmarks, as separate per-benchmark runs would count it;
+    `documents_removed` counts it once. Near-misses are the candidates at or under the threshold
+    in the documents that were kept: what an auditor would want to look at.
+    """
+    totals = {name: _Tally() for name in index.benchmarks}
+    by_group: dict[str, dict[str, _Tally]] = {name: defaultdict(_Tally) for name in index.benchmarks}
+    near: list[tuple[int, Match]] = []
+    for row, verdict in enumerate(verdicts):
+        group = (groups[row] if groups is not None else None) or NO_GROUP
+        # A document corresponds to its best match in each benchmark (matches are best first):
+        # one copied MMLU moral scenario puts hundreds of sibling items over the threshold.
+        items_of: dict[str, set[int]] = {}
+        for match in verdict.matches:
+            items_of.setdefault(match.benchmark, {match.item_id})
+        for benchmark, item_ids in items_of.items():
+            totals[benchmark].add(item_ids)
+            if groups is not None:
+                by_group[benchmark][group].add(item_ids)
+        if not verdict.contaminated:
+            near.extend((row, m) for m in verdict.near_misses)
+    group_names = sorted({g or NO_GROUP for g in groups}) if groups is not None else []
+    sizes = index.items_per_benchmark()
+    near.sort(key=lambda entry: (_sort_key(entry[1]), entry[0]))
+    removed = sum(1 for v in verdicts if v.contaminated)
+    return {
+        "config": {
+            "ngram": index.config.ngram,
+            "threshold": index.config.threshold,
+            "min_block_chars": index.config.min_block_chars,
+        },
+        "documents": len(verdicts),
+        "documents_kept": len(verdicts) - removed,
+        "documents_removed": removed,
+        "empty_documents": empty_documents,
+        "benchmark_items": len(index.items),
+        "unmatchable_items": len(index.unmatchable),
+        "groups": group_names,
+        "benchmarks": {
+            name: {
+                "items": sizes.get(name, 0),
+                **totals[name].as_dict(),
+                "groups": {g: by_group[name][g].as_dict() for g in group_names},
+            }
+            for name in index.benchmarks
+        },
+        "candidates_not_scored": sum(v.skipped for v in verdicts),
+        "near_miss_count": len(near),
+        "near_misses": [
+            {
+                "row": row,
+                "benchmark": m.benchmark,
+                "item_index": m.item_index,
+                "ratio": round(m.ratio, 4),
+                "ngram": m.ngram,
+            }
+            for row, m in near[:NEAR_MISS_LIMIT]
+        ],
+    }
+
+
+def _cell(entry: dict[str, int]) -> str:
+    return f"{entry['removed']} ({entry['unique_items']})"
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """The report as a person reads it: the blog's "removed (unique items)" table first."""
+    names = list(report["benchmarks"])
+    config = report["config"]
+    lines = [
+        "# Decontamination report",
+        "",
+        f"{report['documents']} documents checked: {report['documents_removed']} removed, "
+        f"{report['documents_kept']} kept (of which {report['empty_documents']} empty).",
+        f"Candidates share a {config['ngram']}-gram with a benchmark item; removed when the "
+        f"SequenceMatcher blocks longer than {config['min_block_chars']} characters cover more than "
+        f"{config['threshold']} of the item.",
+        "",
+        "Removed documents per benchmark; in brackets, the unique benchmark items they correspond to.",
+        "",
+        "| group | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for group in report["groups"]:
+        cells = [_cell(report["benchmarks"][name]["groups"][group]) for name in names]
+        lines.append(f"| {group} | " + " | ".join(cells) + " |")
+    lines.append("| **total** | " + " | ".join(_cell(report["benchmarks"][name]) for name in names) + " |")
+    lines += ["", "| benchmark | items indexed |", "|---|---|"]
+    lines += [f"| {name} | {report['benchmarks'][name]['items']} |" for name in names]
+    if report["unmatchable_items"]:
+        lines += [
+            "",
+            f"{report['unmatchable_items']} items normalize to {config['min_block_chars']} characters or "
+            "fewer and can never exceed the threshold.",
+        ]
+    lines += [
+        "",
+        f"## Near-misses: {report['near_miss_count']} candidates at or under the threshold in kept documents",
+        "",
+    ]
+    if report["near_misses"]:
+        lines += ["| row | benchmark | item | ratio | shared n-gram |", "|---|---|---|---|---|"]
+        for miss in report["near_misses"][:50]:
+            ngram = miss["ngram"].replace("|", "\\|")
+            cells = [
+                str(miss["row"]),
+                miss["benchmark"],
+                str(miss["item_index"]),
+                f"{miss['ratio']:.3f}",
+                ngram,
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        if report["near_miss_count"] > 50:
+            lines.append("")
+            lines.append("The 50 highest are shown; report.json holds up to 1000.")
+    else:
+        lines.append("None.")
+    return "\n".join(lines) + "\n"
