@@ -306,7 +306,7 @@ def run_embedded(run: GenerationRun, output: str | None = None, console: Console
     store.write_text("dataset/README.md", dataset_card(run.name, dump_run(run), result, summary.models))
     documents = read_dataset(store)
     if documents is not None and documents.num_rows:
-        summary.stats = document_stats(documents)
+        summary.stats = document_stats(documents, run.spec.postprocess.dedup)
         store.write_text("metrics/stats.json", json.dumps(summary.stats, indent=2))
     training = run.spec.training
     if training is not None and training.enabled and result.rows:

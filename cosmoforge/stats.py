@@ -16,6 +16,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from cosmoforge.spec import Dedup
+
 PROMPT_DIMENSIONS = ("seed_source", "seed_kind", "style", "audience", "template_id")
 OPENING_WORDS = 5
 
@@ -76,8 +78,20 @@ def grouped_openings(texts: list[str], groups: list[str], top: int = 3) -> dict[
     return {group: opening_concentration(members, top) for group, members in sorted(by_group.items())}
 
 
-def document_stats(table: pa.Table, near_duplicates: int | None = None) -> dict[str, Any]:
-    """Duplication and opening concentration of generated documents, overall and per style/audience."""
+def near_duplicates(texts: list[str], dedup: Dedup) -> int:
+    """Documents the dedup stage would drop as near (not exact) duplicates, with its parameters."""
+    from cosmoforge.dedup import DedupConfig, deduplicate
+
+    config = DedupConfig(ngram=dedup.ngram, buckets=dedup.buckets, hashes_per_bucket=dedup.hashes_per_bucket)
+    return int(deduplicate(texts, config).counts["removed_minhash"])
+
+
+def document_stats(table: pa.Table, dedup: Dedup | None = None) -> dict[str, Any]:
+    """Duplication and opening concentration of generated documents, overall and per style/audience.
+
+    Near duplicates use the MinHash parameters of `dedup` (the spec's dedup stage; its defaults
+    when None), so this number predicts what that stage will remove.
+    """
     texts = [t or "" for t in table.column("text").to_pylist()]
     stats: dict[str, Any] = {
         "documents": len(texts),
@@ -85,9 +99,8 @@ def document_stats(table: pa.Table, near_duplicates: int | None = None) -> dict[
         "openings": opening_concentration(texts),
     }
     stats["exact_duplicate_rate"] = stats["exact_duplicates"] / max(1, len(texts))
-    if near_duplicates is not None:
-        stats["near_duplicates"] = near_duplicates
-        stats["near_duplicate_rate"] = near_duplicates / max(1, len(texts))
+    stats["near_duplicates"] = near_duplicates(texts, dedup or Dedup())
+    stats["near_duplicate_rate"] = stats["near_duplicates"] / max(1, len(texts))
     for dimension in ("style", "audience"):
         if dimension in table.column_names:
             stats[f"openings_by_{dimension}"] = grouped_openings(texts, table.column(dimension).to_pylist())
@@ -157,10 +170,9 @@ def stats_table(stats: Mapping[str, Any], title: str = "documents") -> Any:
     table.add_column("", style="bold")
     table.add_column("")
     table.add_row("documents", str(stats["documents"]))
-    if "near_duplicate_rate" in stats:
-        table.add_row(
-            "near duplicates (MinHash)", f"{stats['near_duplicates']} ({stats['near_duplicate_rate']:.2%})"
-        )
+    table.add_row(
+        "near duplicates (MinHash)", f"{stats['near_duplicates']} ({stats['near_duplicate_rate']:.2%})"
+    )
     table.add_row("exact duplicates", f"{stats['exact_duplicates']} ({stats['exact_duplicate_rate']:.2%})")
     openings = stats["openings"]
     table.add_row("distinct openings (first 5 words)", str(openings["distinct_openings"]))

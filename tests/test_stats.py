@@ -78,3 +78,16 @@ def test_stats_command_reads_a_run_folder(tmp_path: Path, capsys: pytest.Capture
     with pytest.raises(StatsError, match="no column 'text'"):
         dataset_stats(str(tmp_path / "run"))
     assert main(["stats", str(tmp_path / "absent")]) == 2
+
+
+def test_near_duplicates_are_counted_with_the_dedup_parameters() -> None:
+    base = (
+        "The water cycle moves water between the oceans, the air and the land. Heat from the sun "
+        "evaporates water from lakes and seas; the vapour rises, cools and condenses into clouds, "
+        "and rain or snow returns it to the ground, where rivers carry it back to the sea again."
+    )
+    near = base.replace("rivers carry", "streams carry")
+    other = "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen inside leaves."
+    stats = document_stats(pa.table({"text": [base, near, other, base]}))
+    assert stats["exact_duplicates"] == 1
+    assert stats["near_duplicates"] == 1 and stats["near_duplicate_rate"] == 0.25
