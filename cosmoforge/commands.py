@@ -161,12 +161,19 @@ def run(args: argparse.Namespace) -> int:
     spec = _load(args.file)
     if spec is None:
         return 1
+    from cosmoforge.decontam import DecontamError
+    from cosmoforge.dedup import DedupError
+    from cosmoforge.training import TrainingError
+
     console = Console(stderr=True)
     try:
         summary = run_embedded(spec, args.out, console)
     except SeedError as error:
         # Plain print: rich would wrap the path at the terminal width.
         print(f"seed error: {error}", file=sys.stderr)
+        return 2
+    except (DedupError, DecontamError, TrainingError) as error:
+        print(f"{type(error).__name__}: {error} (generated data is kept; rerun to resume)", file=sys.stderr)
         return 2
     console.print(summary_table(summary))
     if summary.stats is not None:

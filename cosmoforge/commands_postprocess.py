@@ -12,15 +12,7 @@ import argparse
 import sys
 from typing import Any
 
-DECONTAM_COLUMNS = (
-    "decontam_benchmark",
-    "decontam_item_index",
-    "decontam_item_text",
-    "decontam_ngram",
-    "decontam_ratio",
-)
-DEDUP_COLUMNS = ("dedup_reason", "dedup_cluster", "dedup_kept_row")
-DEFAULT_GROUP_FIELD = "seed_source"
+DEFAULT_GROUP_FIELD = "seed_source"  # repeated from cosmoforge.postprocess to keep --help import-light
 
 
 def register(subparsers: Any) -> None:
@@ -86,83 +78,16 @@ def _fail(command: str, error: Exception) -> int:
     return 2
 
 
-def _groups(table: Any, field: str | None) -> list[str | None] | None:
-    from cosmoforge.evalsets import InputError
-
-    name = field or (DEFAULT_GROUP_FIELD if DEFAULT_GROUP_FIELD in table.column_names else None)
-    if name is None:
-        return None
-    if name not in table.column_names:
-        raise InputError(
-            f"input has no column {name!r} for --group-field (columns: {', '.join(table.column_names)})"
-        )
-    return [None if value is None else str(value) for value in table.column(name).to_pylist()]
-
-
-def _write_outputs(out: str, files: dict[str, bytes]) -> None:
-    from fsspec.core import url_to_fs
-
-    fs, root = url_to_fs(out)
-    fs.makedirs(root, exist_ok=True)
-    for name, data in files.items():
-        fs.pipe_file(f"{root.rstrip('/')}/{name}", data)
-
-
-def _parquet(table: Any) -> bytes:
-    import io
-
-    import pyarrow.parquet as pq
-
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
-    return buffer.getvalue()
-
-
 def run_decontaminate(args: argparse.Namespace) -> int:
-    import json
-
-    import pyarrow as pa
-
-    from cosmoforge import decontam, evalsets
+    from cosmoforge import decontam
+    from cosmoforge.postprocess import decontaminate_dataset
 
     try:
         config = decontam.Config(args.ngram, args.threshold, args.min_block_chars)
         if args.workers is not None and args.workers < 1:
             raise decontam.DecontamError(f"--workers must be at least 1, got {args.workers}")
-        table = evalsets.read_table(args.input)
-        texts = evalsets.text_column(table, args.text_field)
-        groups = _groups(table, args.group_field)
-        clash = [c for c in DECONTAM_COLUMNS if c in table.column_names]
-        if clash:
-            raise evalsets.InputError(
-                f"input already has column(s) {', '.join(clash)}; was it decontaminated before?"
-            )
-        index = decontam.build_index(evalsets.load_benchmarks(args.benchmark), config)
-        verdicts = list(decontam.check_all(texts, index, workers=args.workers))
-        report = decontam.build_report(
-            verdicts, index, groups, empty_documents=sum(1 for text in texts if not text.strip())
-        )
-        removed_rows = [row for row, verdict in enumerate(verdicts) if verdict.contaminated]
-        best = [verdicts[row].matches[0] for row in removed_rows]
-        removed = table.take(pa.array(removed_rows, type=pa.int64()))
-        extra = {
-            "decontam_benchmark": pa.array([m.benchmark for m in best], type=pa.string()),
-            "decontam_item_index": pa.array([m.item_index for m in best], type=pa.int64()),
-            "decontam_item_text": pa.array([m.item_text for m in best], type=pa.string()),
-            "decontam_ngram": pa.array([m.ngram for m in best], type=pa.string()),
-            "decontam_ratio": pa.array([m.ratio for m in best], type=pa.float64()),
-        }
-        for name, column in extra.items():
-            removed = removed.append_column(name, column)
-        kept_rows = [row for row, verdict in enumerate(verdicts) if not verdict.contaminated]
-        _write_outputs(
-            args.out,
-            {
-                "kept.parquet": _parquet(table.take(pa.array(kept_rows, type=pa.int64()))),
-                "removed.parquet": _parquet(removed),
-                "report.json": json.dumps(report, indent=2).encode("utf-8"),
-                "report.md": decontam.report_markdown(report).encode("utf-8"),
-            },
+        report = decontaminate_dataset(
+            args.input, args.out, args.benchmark, config, args.text_field, args.group_field, args.workers
         )
     except (decontam.DecontamError, OSError) as error:
         return _fail("decontaminate", error)
@@ -178,12 +103,9 @@ def run_decontaminate(args: argparse.Namespace) -> int:
 
 
 def run_dedup(args: argparse.Namespace) -> int:
-    import json
-
-    import pyarrow as pa
-
-    from cosmoforge import dedup, evalsets
+    from cosmoforge import dedup
     from cosmoforge.decontam import DecontamError
+    from cosmoforge.postprocess import dedup_dataset
 
     try:
         config = dedup.DedupConfig(
@@ -194,34 +116,9 @@ def run_dedup(args: argparse.Namespace) -> int:
         )
         if args.workers < 1:
             raise dedup.DedupError(f"--workers must be at least 1, got {args.workers}")
-        table = evalsets.read_table(args.input)
-        texts = evalsets.text_column(table, args.text_field)
-        clash = [c for c in DEDUP_COLUMNS if c in table.column_names]
-        if clash:
-            raise evalsets.InputError(
-                f"input already has column(s) {', '.join(clash)}; was it deduplicated before?"
-            )
-        result = dedup.deduplicate(texts, config, workers=args.workers)
-        removed_rows = pa.array([row for row in range(len(texts)) if not result.kept[row]], type=pa.int64())
-        removed = table.take(removed_rows)
-        rows = removed_rows.to_pylist()
-        removed = removed.append_column(
-            "dedup_reason", pa.array([result.reason[r] for r in rows], type=pa.string())
-        )
-        removed = removed.append_column("dedup_cluster", pa.array(result.cluster[rows], type=pa.int64()))
-        removed = removed.append_column("dedup_kept_row", pa.array(result.kept_row[rows], type=pa.int64()))
-        kept = table.filter(pa.array(result.kept))
-        _write_outputs(
-            args.out,
-            {
-                "kept.parquet": _parquet(kept),
-                "removed.parquet": _parquet(removed),
-                "counts.json": json.dumps(result.counts, indent=2).encode("utf-8"),
-            },
-        )
+        counts = dedup_dataset(args.input, args.out, config, args.text_field, args.workers)
     except (DecontamError, dedup.DedupError, OSError) as error:
         return _fail("dedup", error)
-    counts = result.counts
     print(
         f"{counts['documents']} documents: kept {counts['kept']}, "
         f"removed {counts['removed_exact']} exact and "

@@ -58,6 +58,9 @@ class RunSummary:
     models: list[str] = field(default_factory=list)
     stats: dict[str, Any] | None = None
     training: TrainingSummary | None = None
+    dedup: dict[str, Any] | None = None
+    decontaminated: int | None = None
+    final: str = ""
 
     @property
     def tokens_per_second(self) -> float:
@@ -276,6 +279,33 @@ def cluster_web_seeds(run: GenerationRun, store: RunStore, services: Services, c
         source.topics_uri = out
 
 
+def postprocess(run: GenerationRun, store: RunStore, console: Console, summary: RunSummary) -> str:
+    """Dedup, then decontamination, each reading what the previous stage kept; returns the final data."""
+    from cosmoforge import decontam, dedup
+    from cosmoforge.postprocess import KEPT, decontaminate_dataset, dedup_dataset
+
+    spec = run.spec.postprocess
+    current = store.url("dataset")
+    if spec.dedup.enabled:
+        minhash = dedup.DedupConfig(
+            ngram=spec.dedup.ngram,
+            buckets=spec.dedup.buckets,
+            hashes_per_bucket=spec.dedup.hashes_per_bucket,
+            exact=spec.dedup.exact,
+        )
+        summary.dedup = dedup_dataset(current, store.url("dedup"), minhash)
+        console.print(f"dedup: kept {summary.dedup['kept']} of {summary.dedup['documents']} documents")
+        current = store.url("dedup", KEPT)
+    if spec.decontaminate.enabled:
+        settings = spec.decontaminate
+        matching = decontam.Config(settings.ngram, settings.threshold, settings.min_block_chars)
+        report = decontaminate_dataset(current, store.url("decontam"), settings.benchmarks, matching)
+        summary.decontaminated = int(report["documents_removed"])
+        console.print(f"decontamination: removed {summary.decontaminated} of {report['documents']} documents")
+        current = store.url("decontam", KEPT)
+    return current
+
+
 def run_embedded(run: GenerationRun, output: str | None = None, console: Console | None = None) -> RunSummary:
     console = console or Console(stderr=True)
     output_uri = output or run.spec.output.uri
@@ -308,12 +338,13 @@ def run_embedded(run: GenerationRun, output: str | None = None, console: Console
     if documents is not None and documents.num_rows:
         summary.stats = document_stats(documents, run.spec.postprocess.dedup)
         store.write_text("metrics/stats.json", json.dumps(summary.stats, indent=2))
+    summary.final = postprocess(run, store, console, summary) if result.rows else store.url("dataset")
     training = run.spec.training
     if training is not None and training.enabled and result.rows:
         from cosmoforge.training.chain import train_run
 
-        console.print(f"training the {training.preset} preset on {result.rows} documents")
-        summary.training = train_run(training, store)
+        console.print(f"training the {training.preset} preset on {summary.final}")
+        summary.training = train_run(training, store, summary.final)
         store.write_text("metrics/training.json", json.dumps(asdict(summary.training), indent=2))
     return summary
 
@@ -340,6 +371,12 @@ def summary_table(summary: RunSummary) -> Table:
         ("models", ", ".join(summary.models)),
         ("dataset", f"{summary.output}/dataset"),
     ]
+    if summary.dedup is not None:
+        rows.append(("removed by dedup (exact + near)", summary.dedup["removed"]))
+    if summary.decontaminated is not None:
+        rows.append(("removed by decontamination", summary.decontaminated))
+    if summary.final:
+        rows.append(("final documents", summary.final))
     if summary.training is not None:
         trained = summary.training
         rows += [

@@ -347,7 +347,7 @@ def test_cli_writes_kept_removed_and_the_report(tmp_path: Path, capsys: pytest.C
 
 
 def decontam_columns() -> list[str]:
-    from cosmoforge.commands_postprocess import DECONTAM_COLUMNS
+    from cosmoforge.postprocess import DECONTAM_COLUMNS
 
     return list(DECONTAM_COLUMNS)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -104,3 +105,36 @@ def test_run_reports_seed_errors_without_a_traceback(tmp_path: Path) -> None:
     result = _cosmo("run", str(write_spec(tmp_path / "run.yaml", document)), "--out", str(tmp_path / "o"))
     assert result.returncode == 2
     assert "no such file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_rerun_with_postprocessing_dedups_and_decontaminates_without_generating(tmp_path: Path) -> None:
+    document = small_run("post")
+    document["spec"]["seeds"] = document["spec"]["seeds"][1:]  # 4 math prompts
+    document["spec"]["generation"]["maxNewTokens"] = 40
+    document["spec"]["postprocess"] = {"dedup": {"enabled": False}, "decontaminate": {"enabled": False}}
+    spec = write_spec(tmp_path / "run.yaml", document)
+    out = tmp_path / "out"
+    assert _cosmo("run", str(spec), "--out", str(out)).returncode == 0
+    dataset = read_dataset(RunStore.open(str(out), "post"))
+    assert dataset is not None and dataset.num_rows == 4
+
+    # A benchmark that contains one generated document verbatim: decontamination must remove it.
+    leaked = dataset.column("text").to_pylist()[0]
+    benchmark = tmp_path / "leaky.jsonl"
+    benchmark.write_text(json.dumps({"text": leaked, "task_name": "leaky"}) + "\n")
+    document["spec"]["postprocess"] = {
+        "dedup": {"enabled": True},
+        "decontaminate": {"enabled": True, "benchmarks": [str(benchmark)]},
+    }
+    again = _cosmo("run", str(write_spec(spec, document)), "--out", str(out))
+    assert again.returncode == 0, again.stderr
+    assert "nothing to generate" in again.stderr
+    counts = json.loads((out / "post" / "dedup" / "counts.json").read_text())
+    assert counts["documents"] == 4
+    report = json.loads((out / "post" / "decontam" / "report.json").read_text())
+    assert report["documents_removed"] == 1
+    final = pq.read_table(out / "post" / "decontam" / "kept.parquet")
+    assert final.num_rows == counts["kept"] - 1
+    assert leaked not in final.column("text").to_pylist()
+    removed = pq.read_table(out / "post" / "decontam" / "removed.parquet").to_pylist()
+    assert removed[0]["text"] == leaked and removed[0]["decontam_ratio"] > 0.5

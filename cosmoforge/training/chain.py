@@ -33,8 +33,8 @@ def _local_root(store: RunStore) -> Path | None:
     return Path(store.root) if protocol in ("file", "local") else None
 
 
-def train_run(spec: TrainingSpec, store: RunStore) -> TrainingSummary:
-    """Tokenize the run's dataset, train the preset on it and evaluate the checkpoint."""
+def train_run(spec: TrainingSpec, store: RunStore, dataset: str) -> TrainingSummary:
+    """Tokenize `dataset` (the run's final documents), train the preset on it, evaluate it."""
     from cosmoforge.training.cpu_train import TrainConfig, train
     from cosmoforge.training.evaluate import evaluate
     from cosmoforge.training.tokenize import tokenize_dataset
@@ -47,7 +47,7 @@ def train_run(spec: TrainingSpec, store: RunStore) -> TrainingSummary:
     assert root is not None
     try:
         tokens = tokenize_dataset(
-            store.url("dataset"), str(root / "tokens"), tokenizer=spec.tokenizer, seed=42, overwrite=True
+            dataset, str(root / "tokens"), tokenizer=spec.tokenizer, seed=42, overwrite=True
         )
         config = TrainConfig(
             preset=spec.preset,
