@@ -63,6 +63,21 @@ async def _drain(url: str, run: str, timeout: float) -> None:
         await asyncio.sleep(0.3)
 
 
+async def _work(
+    url: str, run: GenerationRun, out: Path, endpoint: str, prompts: list[Prompt], timeout: float
+) -> None:
+    """Enqueue the prompts, let one in-process worker drain the queue, stop it."""
+    await _enqueue(url, run, prompts)
+    config = WorkerConfig(
+        url, run.name, str(out), endpoint, run.spec.generation, worker_id="w", flush_seconds=0.3
+    )
+    worker = Worker(config)
+    task = asyncio.create_task(worker.run())
+    await _drain(url, run.name, timeout=timeout)
+    worker.stop()
+    await task
+
+
 def _assert_exactly_once(store: RunStore, prompts: list[Prompt], keep: set[str] | None = None) -> None:
     result = compact(store)
     table = read_dataset(store)
@@ -144,17 +159,7 @@ def test_permanent_failures_are_recorded_not_dropped(
     huge = Prompt(**{**prompts[0].to_dict(), "prompt_id": "huge", "prompt": "word " * 3000})
     store = RunStore.open(str(tmp_path), run.name)
 
-    async def scenario() -> None:
-        await _enqueue(nats_server.url, run, [*prompts, huge])
-        config = WorkerConfig(nats_server.url, run.name, str(tmp_path), model_server, run.spec.generation,
-                              worker_id="w", flush_seconds=0.3)  # fmt: skip
-        worker = Worker(config)
-        task = asyncio.create_task(worker.run())
-        await _drain(nats_server.url, run.name, timeout=60)
-        worker.stop()
-        await task
-
-    asyncio.run(scenario())
+    asyncio.run(_work(nats_server.url, run, tmp_path, model_server, [*prompts, huge], timeout=60))
     result = compact(store)
     assert result.rows == 3 and result.failures == 1
     failures = store.read_folder("failed.parquet")
@@ -171,17 +176,7 @@ def test_unreachable_endpoint_fails_each_prompt_after_max_attempts(
     store = RunStore.open(str(tmp_path), run.name)
     dead = f"http://127.0.0.1:{queue.free_port()}"
 
-    async def scenario() -> None:
-        await _enqueue(nats_server.url, run, prompts)
-        config = WorkerConfig(nats_server.url, run.name, str(tmp_path), dead, run.spec.generation,
-                              worker_id="w", flush_seconds=0.3)  # fmt: skip
-        worker = Worker(config)
-        task = asyncio.create_task(worker.run())
-        await _drain(nats_server.url, run.name, timeout=90)
-        worker.stop()
-        await task
-
-    asyncio.run(scenario())
+    asyncio.run(_work(nats_server.url, run, tmp_path, dead, prompts, timeout=90))
     result = compact(store)
     assert result.rows == 0 and result.failures == 2
     kinds = set(store.read_folder("failed.parquet").column("error_kind").to_pylist())
