@@ -16,6 +16,7 @@ import signal
 import socket
 import time
 import uuid
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -27,6 +28,7 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from cosmoforge import queue, records
 from cosmoforge.inference import Backend, InferenceError, backend_for, complete_with_retries
+from cosmoforge.metrics import InstrumentedBackend, WorkerMeter
 from cosmoforge.spec import GenerationSpec
 from cosmoforge.storage import FAILURES, GENERATIONS, RunStore
 
@@ -44,6 +46,11 @@ class WorkerConfig:
     flush_seconds: float = 2.0
     # Short on purpose: heartbeats keep live work alive, so only a dead worker's prompts wait it out.
     ack_wait: float = 30.0
+
+
+def prefetch(concurrency: int) -> int:
+    """Prompts a worker holds beyond its requests in flight (the consumer must allow them)."""
+    return max(1, concurrency // 4)
 
 
 def sampling_json(spec: GenerationSpec) -> str:
@@ -83,12 +90,13 @@ class ShardWriter:
     def messages(self) -> list[Msg]:
         return [msg for _, msg in self.done + self.failed]
 
-    async def flush(self, nc: nats.NATS) -> tuple[int, int, int]:
+    async def flush(self, nc: nats.NATS) -> tuple[int, int, int, dict[str, int]]:
+        """Returns completions, failures, completion tokens and failures by error kind."""
         async with self.lock:
             done, failed = self.done, self.failed
             self.done, self.failed, self.first_at = [], [], None
             if not done and not failed:
-                return 0, 0, 0
+                return 0, 0, 0, {}
             name = f"{self.worker_id}-{self.seq:06d}-{uuid.uuid4().hex[:8]}.parquet"
             self.seq += 1
             try:
@@ -111,18 +119,23 @@ class ShardWriter:
                 await msg.term()
             await nc.flush()
             tokens = sum(row["completion_tokens"] or 0 for row, _ in done)
-            return len(done), len(failed), tokens
+            kinds = Counter(str(row["error_kind"]) for row, _ in failed)
+            return len(done), len(failed), tokens, dict(kinds)
 
 
 class Worker:
     def __init__(self, config: WorkerConfig, backend: Backend | None = None):
         self.config = config
         self.spec = config.generation
-        self.backend = backend or backend_for(self.spec, config.endpoint)
+        self.backend = InstrumentedBackend(backend or backend_for(self.spec, config.endpoint), config.run)
+        self.meter = WorkerMeter(config.run)
         self.store = RunStore.open(config.output_uri, config.run)
         self.writer = ShardWriter(self.store, config.worker_id, self.spec.shard_size)
         self.in_flight: set[asyncio.Task[None]] = set()
         self.working: dict[int, Msg] = {}
+        # Prompts fetched ahead of a free slot: a finished request is replaced at once, not
+        # after a round trip to the server, so `concurrency` requests stay really in flight.
+        self.ahead: deque[Msg] = deque()
         self.stopping = asyncio.Event()
         self.sampling = sampling_json(self.spec)
 
@@ -152,6 +165,10 @@ class Worker:
         ]
         try:
             await self._pull(sub)
+            for msg in self.ahead:  # never started: give them back now rather than after ack_wait
+                with contextlib.suppress(Exception):
+                    await msg.nak()
+            self.ahead.clear()
             if self.in_flight:
                 await asyncio.wait(self.in_flight)
             await self._flush(nc)
@@ -165,23 +182,26 @@ class Worker:
                 await nc.close()
 
     async def _pull(self, sub: Any) -> None:
+        limit = self.spec.concurrency + prefetch(self.spec.concurrency)
         while not self.stopping.is_set():
-            free = self.spec.concurrency - len(self.in_flight)
-            if free <= 0:
+            while self.ahead and len(self.in_flight) < self.spec.concurrency:
+                task = asyncio.create_task(self._handle(self.ahead.popleft()))
+                self.in_flight.add(task)
+                task.add_done_callback(self.in_flight.discard)
+            room = limit - len(self.in_flight) - len(self.ahead)
+            if room <= 0:
                 await asyncio.wait(self.in_flight, return_when=asyncio.FIRST_COMPLETED)
                 continue
             try:
-                messages = await sub.fetch(batch=free, timeout=1.0)
+                # Short polls while prompts wait ahead: a freed slot must not wait out a long poll.
+                messages = await sub.fetch(batch=room, timeout=0.05 if self.ahead else 1.0)
             except (TimeoutError, NatsTimeout):
                 continue
             except Exception as error:  # connection lost or server restarting: wait and pull again
                 log.warning("fetch failed (%s); retrying", error)
                 await asyncio.sleep(0.5)
                 continue
-            for msg in messages:
-                task = asyncio.create_task(self._handle(msg))
-                self.in_flight.add(task)
-                task.add_done_callback(self.in_flight.discard)
+            self.ahead.extend(messages)
 
     async def _handle(self, msg: Msg) -> None:
         self.working[id(msg)] = msg
@@ -238,16 +258,25 @@ class Worker:
         )
 
     async def _flush(self, nc: nats.NATS) -> None:
-        done, failed, tokens = await self.writer.flush(nc)
+        done, failed, tokens, kinds = await self.writer.flush(nc)
         if done or failed:
-            event = {"worker": self.config.worker_id, "generated": done, "failed": failed, "tokens": tokens}
+            self.meter.flushed(done, kinds, tokens)
+            event = {
+                "worker": self.config.worker_id,
+                "generated": done,
+                "failed": failed,
+                "tokens": tokens,
+                "errors": kinds,
+            }
             with contextlib.suppress(Exception):
                 await nc.publish(queue.events_subject(self.config.run), queue.encode(event))
 
     async def _flusher(self, nc: nats.NATS) -> None:
         while True:
             await asyncio.sleep(0.2)
-            if self.writer.due(self.config.flush_seconds):
+            # An idle worker writes right away: the end of a run should not wait out flush_seconds.
+            idle = bool(self.writer) and not self.in_flight
+            if idle or self.writer.due(self.config.flush_seconds):
                 try:
                     await self._flush(nc)
                 except Exception as error:  # storage hiccup: messages stay unacked and come back
@@ -258,7 +287,7 @@ class Worker:
         interval = max(0.5, self.config.ack_wait / 3)
         while True:
             await asyncio.sleep(interval)
-            for msg in [*self.working.values(), *self.writer.messages()]:
+            for msg in [*self.working.values(), *self.writer.messages(), *self.ahead]:
                 with contextlib.suppress(Exception):
                     await msg.in_progress()
 

@@ -31,6 +31,7 @@ from rich.table import Table
 
 from cosmoforge import queue, records
 from cosmoforge.compact import Compacted, compact, dataset_card, read_dataset
+from cosmoforge.dispatcher.state import consumer_limits
 from cosmoforge.prompts import Prompt, build_prompts
 from cosmoforge.spec import GenerationRun, dump_run
 from cosmoforge.stats import document_stats
@@ -185,11 +186,13 @@ async def _drive(
     nc = await nats.connect(nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
     js = nc.jetstream()
     await queue.ensure_stream(js, run.name)
+    limits = consumer_limits(spec)
     await queue.ensure_consumer(
-        js, run.name, ack_wait=30.0, max_deliver=spec.max_attempts + 1,
-        max_ack_pending=spec.concurrency * spec.workers,
+        js, run.name, ack_wait=limits.ack_wait, max_deliver=limits.max_deliver,
+        max_ack_pending=limits.max_ack_pending,
     )  # fmt: skip
-    summary.published = await queue.publish(js, run.name, pending_prompts(store, done))
+    published = await queue.publish_all(nc, run.name, pending_prompts(store, done))
+    summary.published = published.stored
 
     tokens = 0
 

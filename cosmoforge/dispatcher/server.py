@@ -1,0 +1,167 @@
+"""The dispatcher's gRPC server: a thin servicer over RunManager, the health service, and main().
+
+The servicer only translates — messages to calls, exceptions to status codes — so everything
+it does can be read in `runs.py` and tested without gRPC. `create_server()` builds a server
+without starting anything, for tests and embedding; `serve()` runs one until SIGTERM/SIGINT
+and stops it gracefully (in-flight calls get a grace period, health turns NOT_SERVING first so
+load balancers stop sending new ones).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from cosmoforge import metrics
+from cosmoforge.dispatcher.proto import SERVICE, pb, pb_grpc, problems_metadata, to_message
+from cosmoforge.dispatcher.runs import RunConflict, RunManager, RunNotFound, StartFailed
+from cosmoforge.dispatcher.state import ACK_WAIT_SECONDS
+from cosmoforge.spec import SpecError
+
+log = logging.getLogger("cosmoforge.dispatcher")
+
+GRACE_SECONDS = 10.0
+MAX_SPEC_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Failure:
+    code: grpc.StatusCode
+    details: str
+    trailers: tuple[tuple[str, bytes], ...] = ()
+
+
+def failure_for(error: Exception) -> Failure:
+    """The gRPC status a manager exception stands for."""
+    if isinstance(error, SpecError):
+        details = "; ".join(f"{field}: {reason}" for field, reason in error.problems)
+        return Failure(
+            grpc.StatusCode.INVALID_ARGUMENT, f"invalid spec: {details}", problems_metadata(error.problems)
+        )
+    if isinstance(error, RunNotFound):
+        return Failure(grpc.StatusCode.NOT_FOUND, str(error.args[0] if error.args else error))
+    if isinstance(error, RunConflict):
+        return Failure(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+    if isinstance(error, StartFailed):
+        return Failure(grpc.StatusCode.UNAVAILABLE, str(error))
+    return Failure(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+
+
+class DispatcherServicer(pb_grpc.DispatcherServicer):
+    def __init__(self, manager: RunManager):
+        self.manager = manager
+
+    async def StartRun(self, request: pb.StartRunRequest, context: grpc.aio.ServicerContext) -> pb.RunStatus:
+        if len(request.spec_yaml.encode()) > MAX_SPEC_BYTES:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"spec larger than {MAX_SPEC_BYTES} bytes")
+        try:
+            return to_message(await self.manager.start_run(request.spec_yaml))
+        except Exception as error:  # every failure becomes a status code with a readable message
+            await _abort(context, error)
+            raise  # abort raises; this only tells type checkers so
+
+    async def GetRunStatus(
+        self, request: pb.GetRunStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RunStatus:
+        try:
+            return to_message(self.manager.status(request.run))
+        except RunNotFound as error:
+            await _abort(context, error)
+            raise
+
+    async def WatchRun(
+        self, request: pb.WatchRunRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.RunEvent]:
+        heartbeat = request.heartbeat_seconds if request.heartbeat_seconds > 0 else 5.0
+        try:
+            async for status, reason in self.manager.watch(request.run, heartbeat):
+                yield pb.RunEvent(status=to_message(status), reason=reason)
+        except RunNotFound as error:
+            await _abort(context, error)
+
+    async def CancelRun(
+        self, request: pb.CancelRunRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RunStatus:
+        try:
+            return to_message(await self.manager.cancel(request.run))
+        except (RunNotFound, RunConflict) as error:
+            await _abort(context, error)
+            raise
+
+    async def ListRuns(
+        self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListRunsResponse:
+        return pb.ListRunsResponse(runs=[to_message(status) for status in self.manager.list_runs()])
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
+    failure = failure_for(error)
+    if failure.code == grpc.StatusCode.INTERNAL:  # a bug, not a bad request: keep the traceback
+        log.error("request failed", exc_info=error)
+    await context.abort(failure.code, failure.details, trailing_metadata=failure.trailers)
+
+
+def create_server(
+    manager: RunManager, port: int = 0, host: str = "0.0.0.0"
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    """A server with the Dispatcher and health services bound to host:port (0: a free port)."""
+    server = grpc.aio.server()
+    pb_grpc.add_DispatcherServicer_to_server(DispatcherServicer(manager), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    return server, health_servicer, bound
+
+
+async def serve(
+    nats_url: str,
+    port: int,
+    host: str = "0.0.0.0",
+    *,
+    compact: bool = True,
+    use_wandb: bool = False,
+    ack_wait: float = ACK_WAIT_SECONDS,
+) -> None:
+    """Run the dispatcher until SIGTERM or SIGINT."""
+    manager = RunManager(nats_url, compact=compact, use_wandb=use_wandb, ack_wait=ack_wait)
+    server, health_servicer, bound = create_server(manager, port, host)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await manager.start()
+        await server.start()
+        for service in ("", SERVICE):
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("dispatcher listening on %s:%d", host, bound, extra={"port": bound})
+        await stop.wait()
+    finally:
+        with contextlib.suppress(Exception):
+            await health_servicer.enter_graceful_shutdown()
+        await server.stop(GRACE_SECONDS)
+        await manager.close()
+        log.info("dispatcher stopped")
+
+
+def main(
+    nats_url: str,
+    port: int,
+    host: str = "0.0.0.0",
+    metrics_port: int = 0,
+    compact: bool = True,
+    use_wandb: bool = False,
+    ack_wait: float = ACK_WAIT_SECONDS,
+) -> int:
+    metrics.serve(metrics_port)
+    asyncio.run(serve(nats_url, port, host, compact=compact, use_wandb=use_wandb, ack_wait=ack_wait))
+    return 0
