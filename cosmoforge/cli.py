@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "cosmoforge.commands",
     "cosmoforge.commands_train",
     "cosmoforge.commands_cluster",
+    "cosmoforge.commands_operator",
     "cosmoforge.commands_dispatch",
     "cosmoforge.commands_postprocess",
 ]

@@ -1,0 +1,172 @@
+"""Where a run stands, decided from what is observed: pure functions the handlers feed.
+
+A level-based operator must be able to recompute the phase from scratch after any restart, so
+the phase is derived from observations (queue state, the dispatcher's counts, Jobs' ends, the
+stages recorded as done in status), never from remembering which handler ran last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from cosmoforge.operator.render import Stage
+from cosmoforge.spec import Phase
+
+TERMINAL = frozenset({Phase.succeeded, Phase.failed, Phase.cancelled})
+
+
+class JobState(StrEnum):
+    missing = "missing"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+
+
+def job_state(job: Mapping[str, Any] | None) -> JobState:
+    if job is None:
+        return JobState.missing
+    status = job.get("status") or {}
+    if int(status.get("succeeded") or 0) > 0:
+        return JobState.succeeded
+    for condition in status.get("conditions") or []:
+        if condition.get("status") == "True" and condition.get("type") in ("Complete", "SuccessCriteriaMet"):
+            return JobState.succeeded
+        if condition.get("status") == "True" and condition.get("type") in ("Failed", "FailureTarget"):
+            return JobState.failed
+    backoff = int((job.get("spec") or {}).get("backoffLimit", 6))
+    if int(status.get("failed") or 0) > backoff:
+        return JobState.failed
+    return JobState.running
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """The run's JetStream stream and consumer: `depth` = pending + in flight."""
+
+    depth: int
+    published: int
+    stored: int
+
+
+@dataclass(frozen=True)
+class Counts:
+    prompts: int = 0
+    generated: int = 0
+    failed: int = 0
+    tokens_per_second: float = 0.0
+    done: bool = False
+    error: str = ""
+
+
+def _int(data: Mapping[str, Any], name: str) -> int:
+    value = data.get(name)
+    return int(value) if isinstance(value, int | float | str) and str(value).strip() else 0
+
+
+def dispatcher_phase(status: Mapping[str, Any]) -> str:
+    """The dispatcher's phase as a bare lowercase word: PHASE_SUCCEEDED, 3 or "Succeeded" -> succeeded."""
+    phase = status.get("phase", "")
+    names = {1: "pending", 2: "generating", 3: "succeeded", 4: "failed", 5: "cancelled"}
+    if isinstance(phase, int):
+        return names.get(phase, "")
+    return str(phase).lower().removeprefix("phase_")
+
+
+def counts_from(queue: QueueState | None, dispatcher: Mapping[str, Any] | None) -> Counts:
+    """Generation progress: the dispatcher's RunStatus when there is one, the queue's otherwise.
+
+    Without a dispatcher, generation is done once something was published and the queue has
+    drained; with one, when it reports the run succeeded (every prompt has a completion or a
+    recorded failure) or failed.
+    """
+    if dispatcher:
+        phase = dispatcher_phase(dispatcher)
+        rate = dispatcher.get("tokens_per_second", dispatcher.get("tokensPerSecond", 0.0))
+        return Counts(
+            prompts=_int(dispatcher, "prompts"),
+            generated=_int(dispatcher, "generated"),
+            failed=_int(dispatcher, "failed"),
+            tokens_per_second=float(rate or 0.0),
+            done=phase == "succeeded",
+            error=str(dispatcher.get("message") or phase) if phase in ("failed", "cancelled") else "",
+        )
+    if queue is None:
+        return Counts()
+    done = queue.published > 0 and queue.depth == 0 and queue.stored == 0
+    return Counts(prompts=queue.published, generated=max(0, queue.published - queue.depth), done=done)
+
+
+def progress_text(counts: Counts) -> str:
+    if counts.prompts <= 0:
+        return ""
+    finished = min(counts.prompts, counts.generated + counts.failed)
+    return f"{finished}/{counts.prompts} ({100.0 * finished / counts.prompts:.0f}%)"
+
+
+@dataclass(frozen=True)
+class Step:
+    """What to do now: the phase to report, a stage Job to start, or the stage that failed."""
+
+    phase: Phase
+    start: Stage | None = None
+    failed: Stage | None = None
+
+
+def next_step(
+    stages: Sequence[Stage], jobs: Mapping[str, JobState], generation_done: bool, finished: Sequence[str]
+) -> Step:
+    """Stages run one at a time, in order, each after the previous one succeeded."""
+    if not generation_done:
+        return Step(Phase.generating)
+    for stage in stages:
+        state = JobState.succeeded if stage.name in finished else jobs.get(stage.name, JobState.missing)
+        if state == JobState.succeeded:
+            continue
+        if state == JobState.failed:
+            return Step(Phase.failed, failed=stage)
+        if state == JobState.missing:
+            return Step(stage.phase, start=stage)
+        return Step(stage.phase)
+    return Step(Phase.succeeded)
+
+
+def now_text() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def set_condition(
+    conditions: Sequence[Mapping[str, Any]], kind: str, status: bool, reason: str, message: str = ""
+) -> list[dict[str, Any]]:
+    """Conditions with `kind` set; its transition time moves only when its status changes."""
+    value = "True" if status else "False"
+    result: list[dict[str, Any]] = []
+    found = False
+    for condition in conditions:
+        if condition.get("type") != kind:
+            result.append(dict(condition))
+            continue
+        found = True
+        moved = condition.get("status") != value
+        stamp = now_text() if moved else condition.get("lastTransitionTime") or now_text()
+        result.append(
+            {"type": kind, "status": value, "reason": reason, "message": message, "lastTransitionTime": stamp}
+        )
+    if not found:
+        result.append(
+            {
+                "type": kind,
+                "status": value,
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": now_text(),
+            }
+        )
+    return result
+
+
+def condition(conditions: Sequence[Mapping[str, Any]], kind: str) -> Mapping[str, Any] | None:
+    return next((c for c in conditions if c.get("type") == kind), None)
