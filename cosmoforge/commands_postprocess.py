@@ -1,8 +1,9 @@
-"""`cosmo decontaminate` and `cosmo dedup`: post-processing of a generated dataset from the shell.
+"""`cosmo decontaminate`, `cosmo dedup` and `cosmo decontaminator`: post-processing from the shell.
 
-Both read a parquet/jsonl file or folder (local or any fsspec URI), write what they keep and
-what they remove side by side under `--out`, and account for every row: nothing is dropped
-without a row in `removed.parquet` saying why. A problem with the input or the settings is a
+The first two read a parquet/jsonl file or folder (local or any fsspec URI), write what they
+keep and what they remove side by side under `--out`, and account for every row: nothing is
+dropped without a row in `removed.parquet` saying why. The third serves the same check over
+gRPC to documents as they are generated. A problem with the input or the settings is a
 one-line message and exit code 2, never a traceback.
 """
 
@@ -56,6 +57,31 @@ def register(subparsers: Any) -> None:
     decontaminate.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
     decontaminate.set_defaults(func=run_decontaminate)
 
+    service = subparsers.add_parser(
+        "decontaminator",
+        help="serve benchmark decontamination over gRPC (Check a stream of documents, Report)",
+        description="Build the benchmark index once, then serve the Decontaminator gRPC service "
+        "and the gRPC health service until SIGTERM/SIGINT.",
+    )
+    service.add_argument("--port", type=int, default=50052, help="gRPC port (default: 50052; 0: any free)")
+    service.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    service.add_argument(
+        "--benchmark",
+        action="append",
+        required=True,
+        metavar="NAME|PATH|NAME=PATH",
+        help="as for decontaminate; repeat for several",
+    )
+    service.add_argument("--ngram", type=int, default=10, help="candidate n-gram size in words (default: 10)")
+    service.add_argument(
+        "--threshold", type=float, default=0.5, help="contaminated when ratio > this (default: 0.5)"
+    )
+    service.add_argument(
+        "--min-block-chars", type=int, default=5, help="count matching blocks longer than this (default: 5)"
+    )
+    service.add_argument("--log-format", choices=("text", "json"), default="text")
+    service.set_defaults(func=run_decontaminator)
+
     dedup = subparsers.add_parser(
         "dedup",
         help="remove exact and near duplicates (content hash + datatrove MinHash)",
@@ -99,6 +125,21 @@ def run_decontaminate(args: argparse.Namespace) -> int:
         f"removed {report['documents_removed']} "
         f"[{per_benchmark}]; {report['near_miss_count']} near-misses; wrote {args.out}"
     )
+    return 0
+
+
+def run_decontaminator(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from cosmoforge import decontam, decontam_service, logs
+
+    logs.configure(args.log_format)
+    try:
+        config = decontam.Config(args.ngram, args.threshold, args.min_block_chars)
+        index = decontam_service.build_index(args.benchmark, config)
+        asyncio.run(decontam_service.serve(index, args.port, args.host))
+    except (decontam.DecontamError, OSError) as error:  # a bad benchmark, setting or port
+        return _fail("decontaminator", error)
     return 0
 
 

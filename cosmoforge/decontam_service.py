@@ -1,0 +1,387 @@
+"""The Decontaminator gRPC service: benchmark decontamination for documents sent over the wire.
+
+`cosmo decontaminate` needs a dataset on disk; a generation pipeline that wants verdicts as it
+writes (or a worker that checks shards elsewhere) needs the index in a long-lived process
+instead. Building the index is the expensive part, so the server builds it once at start and
+every call reads the same one. The servicer only translates: documents go through
+`decontam.check_batch` unchanged, so a verdict here is the verdict the CLI gives for the same
+text, and `Report` keeps the CLI's report (`decontam.build_report`) up to date incrementally,
+in memory bounded by the index rather than by the documents seen.
+
+`create_server()` builds a server without starting anything (tests, embedding); `serve()` runs
+one until SIGTERM/SIGINT, turns health NOT_SERVING and stops gracefully. `DecontaminatorClient`
+takes and returns plain data, so callers never touch protobuf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from cosmoforge import decontam, evalsets
+from cosmoforge.protogen import ensure_generated
+
+ensure_generated()
+
+from cosmoforge._proto.v1 import decontaminator_pb2 as pb  # noqa: E402
+from cosmoforge._proto.v1 import decontaminator_pb2_grpc as pb_grpc  # noqa: E402
+
+log = logging.getLogger("cosmoforge.decontaminator")
+
+SERVICE = "cosmoforge.v1.Decontaminator"
+GRACE_SECONDS = 10.0
+# A 10 MB document is legal input (docs/postprocess.md); gRPC's default limit is 4 MiB.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+Document = Mapping[str, str]  # "text", optional "id" and "group"
+
+
+# --- the running report -----------------------------------------------------------------------
+
+
+@dataclass
+class _Tally:
+    removed: int = 0
+    items: set[int] = field(default_factory=set)
+
+    def add(self, item_ids: set[int]) -> None:
+        self.removed += 1
+        self.items |= item_ids
+
+    def as_dict(self) -> dict[str, int]:
+        return {"removed": self.removed, "unique_items": len(self.items)}
+
+
+@dataclass(frozen=True, order=True)
+class _NearMiss:
+    key: tuple[float, str, int]
+    row: int
+    entry: dict[str, Any] = field(compare=False)
+
+
+class RunningReport:
+    """`decontam.build_report` over every document checked so far, kept up to date per batch.
+
+    Every document has a group (empty counts as `(none)`), so the result equals
+    `build_report(verdicts, index, groups)` with rows numbered in the order the server checked
+    them; near-misses carry the document id besides the row.
+    """
+
+    def __init__(self, index: decontam.Index) -> None:
+        self.index = index
+        self.documents = 0
+        self.removed = 0
+        self.empty = 0
+        self.not_scored = 0
+        self.totals = {name: _Tally() for name in index.benchmarks}
+        self.by_group: dict[str, dict[str, _Tally]] = {name: {} for name in index.benchmarks}
+        self.groups: set[str] = set()
+        self.near: list[_NearMiss] = []
+        self.near_count = 0
+
+    def add(self, doc_id: str, text: str, group: str, verdict: decontam.Verdict) -> None:
+        row, group = self.documents, group or decontam.NO_GROUP
+        self.documents += 1
+        self.removed += verdict.contaminated
+        self.empty += not text.strip()
+        self.not_scored += verdict.skipped
+        self.groups.add(group)
+        items_of: dict[str, set[int]] = {}
+        for match in verdict.matches:  # best first: one item per benchmark, as build_report counts
+            items_of.setdefault(match.benchmark, {match.item_id})
+        for benchmark, item_ids in items_of.items():
+            self.totals[benchmark].add(item_ids)
+            self.by_group[benchmark].setdefault(group, _Tally()).add(item_ids)
+        if not verdict.contaminated:
+            self._near_misses(doc_id, row, verdict.near_misses)
+
+    def _near_misses(self, doc_id: str, row: int, misses: Iterable[decontam.Match]) -> None:
+        for match in misses:
+            self.near_count += 1
+            entry = {
+                "row": row,
+                "id": doc_id,
+                "benchmark": match.benchmark,
+                "item_index": match.item_index,
+                "ratio": round(match.ratio, 4),
+                "ngram": match.ngram,
+            }
+            self.near.append(_NearMiss((-match.ratio, match.benchmark, match.item_index), row, entry))
+        if len(self.near) > 2 * decontam.NEAR_MISS_LIMIT:
+            self.near = sorted(self.near)[: decontam.NEAR_MISS_LIMIT]
+
+    def as_dict(self) -> dict[str, Any]:
+        config, groups = self.index.config, sorted(self.groups)
+        sizes = self.index.items_per_benchmark()
+        return {
+            "config": {
+                "ngram": config.ngram,
+                "threshold": config.threshold,
+                "min_block_chars": config.min_block_chars,
+            },
+            "documents": self.documents,
+            "documents_kept": self.documents - self.removed,
+            "documents_removed": self.removed,
+            "empty_documents": self.empty,
+            "benchmark_items": len(self.index.items),
+            "unmatchable_items": len(self.index.unmatchable),
+            "groups": groups,
+            "benchmarks": {
+                name: {
+                    "items": sizes.get(name, 0),
+                    **self.totals[name].as_dict(),
+                    "groups": {g: self.by_group[name].get(g, _Tally()).as_dict() for g in groups},
+                }
+                for name in self.index.benchmarks
+            },
+            "candidates_not_scored": self.not_scored,
+            "near_miss_count": self.near_count,
+            "near_misses": [miss.entry for miss in sorted(self.near)[: decontam.NEAR_MISS_LIMIT]],
+        }
+
+
+def report_reply(report: dict[str, Any]) -> pb.ReportReply:
+    return pb.ReportReply(
+        documents=report["documents"],
+        documents_removed=report["documents_removed"],
+        documents_kept=report["documents_kept"],
+        empty_documents=report["empty_documents"],
+        benchmarks={
+            name: pb.BenchmarkCounts(
+                items=entry["items"], removed=entry["removed"], unique_items=entry["unique_items"]
+            )
+            for name, entry in report["benchmarks"].items()
+        },
+        report_json=json.dumps(report),
+    )
+
+
+# --- conversions ------------------------------------------------------------------------------
+
+
+def verdict_message(doc_id: str, verdict: decontam.Verdict) -> pb.Verdict:
+    best = verdict.best
+    if best is None:
+        return pb.Verdict(id=doc_id, contaminated=False)
+    return pb.Verdict(
+        id=doc_id,
+        contaminated=verdict.contaminated,
+        benchmark=best.benchmark,
+        item_index=best.item_index,
+        item_text=best.item_text,
+        ngram=best.ngram,
+        ratio=best.ratio,
+    )
+
+
+def verdict_dict(message: pb.Verdict) -> dict[str, Any]:
+    return {
+        "id": message.id,
+        "contaminated": message.contaminated,
+        "benchmark": message.benchmark,
+        "item_index": message.item_index,
+        "item_text": message.item_text,
+        "ngram": message.ngram,
+        "ratio": message.ratio,
+    }
+
+
+# --- the servicer -----------------------------------------------------------------------------
+
+
+class DecontaminatorServicer(pb_grpc.DecontaminatorServicer):
+    """Checks documents in batches of whatever has arrived, so a client may wait for each verdict."""
+
+    def __init__(self, index: decontam.Index, batch_size: int = decontam.BATCH_SIZE) -> None:
+        self.index = index
+        self.batch_size = batch_size
+        self.report = RunningReport(index)
+
+    async def Check(
+        self, request_iterator: AsyncIterator[pb.Document], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.Verdict]:
+        pending: asyncio.Queue[pb.Document | None] = asyncio.Queue(maxsize=4 * self.batch_size)
+        reader = asyncio.create_task(_read_into(request_iterator, pending))
+        try:
+            while batch := await self._next_batch(pending):
+                texts = [document.text for document in batch]
+                try:
+                    verdicts = await asyncio.to_thread(decontam.check_batch, texts, self.index)
+                except Exception as error:  # a bug, not a bad request: keep the traceback
+                    log.error("check failed", exc_info=error)
+                    await context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+                for document, verdict in zip(batch, verdicts, strict=True):
+                    self.report.add(document.id, document.text, document.group, verdict)
+                    yield verdict_message(document.id, verdict)
+            await reader  # surfaces a failed request stream
+        finally:
+            reader.cancel()
+
+    async def _next_batch(self, pending: asyncio.Queue[pb.Document | None]) -> list[pb.Document]:
+        """At least one document (waiting for it), then whatever else is already queued."""
+        first = await pending.get()
+        if first is None:
+            return []
+        batch, chars = [first], len(first.text)
+        while len(batch) < self.batch_size and chars < decontam.BATCH_CHARS and not pending.empty():
+            document = pending.get_nowait()
+            if document is None:
+                pending.put_nowait(None)  # seen again by the next call, which ends the stream
+                break
+            batch.append(document)
+            chars += len(document.text)
+        return batch
+
+    async def Report(self, request: pb.ReportRequest, context: grpc.aio.ServicerContext) -> pb.ReportReply:
+        return report_reply(self.report.as_dict())
+
+
+async def _read_into(
+    requests: AsyncIterator[pb.Document], pending: asyncio.Queue[pb.Document | None]
+) -> None:
+    try:
+        async for document in requests:
+            await pending.put(document)
+    except Exception:
+        with contextlib.suppress(asyncio.QueueFull):
+            pending.put_nowait(None)  # wake the checker; awaiting the reader raises the error
+        raise
+    await pending.put(None)  # the end of the stream
+
+
+# --- the server -------------------------------------------------------------------------------
+
+
+def build_index(benchmarks: list[str], config: decontam.Config) -> decontam.Index:
+    """The index every call shares; raises BenchmarkError for an unknown or unreadable benchmark."""
+    if not benchmarks:
+        raise evalsets.BenchmarkError("at least one --benchmark is needed")
+    return decontam.build_index(evalsets.load_benchmarks(benchmarks), config)
+
+
+def create_server(
+    index: decontam.Index, port: int = 0, host: str = "0.0.0.0"
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    """A server with the Decontaminator and health services bound to host:port (0: a free port)."""
+    server = grpc.aio.server(options=_CHANNEL_OPTIONS)
+    pb_grpc.add_DecontaminatorServicer_to_server(DecontaminatorServicer(index), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    return server, health_servicer, bound
+
+
+async def serve(index: decontam.Index, port: int, host: str = "0.0.0.0") -> None:
+    """Serve until SIGTERM or SIGINT."""
+    server, health_servicer, bound = create_server(index, port, host)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await server.start()
+        for service in ("", SERVICE):
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        sizes = index.items_per_benchmark()
+        log.info(
+            "decontaminator listening on %s:%d with %d items (%s)",
+            host,
+            bound,
+            len(index.items),
+            ", ".join(f"{name} {count}" for name, count in sorted(sizes.items())),
+            extra={"port": bound},
+        )
+        await stop.wait()
+    finally:
+        with contextlib.suppress(Exception):
+            await health_servicer.enter_graceful_shutdown()
+        await server.stop(GRACE_SECONDS)
+        log.info("decontaminator stopped")
+
+
+def main(benchmarks: list[str], config: decontam.Config, port: int, host: str = "0.0.0.0") -> int:
+    """Build the index (errors surface before anything listens), then serve it."""
+    index = build_index(benchmarks, config)
+    asyncio.run(serve(index, port, host))
+    return 0
+
+
+# --- the client -------------------------------------------------------------------------------
+
+
+class DecontaminatorError(Exception):
+    def __init__(self, code: str, details: str):
+        self.code, self.details = code, details
+        super().__init__(f"{code}: {details}")
+
+
+def _document(document: Document) -> pb.Document:
+    return pb.Document(id=document.get("id", ""), text=document["text"], group=document.get("group", ""))
+
+
+async def _documents(documents: Iterable[Document] | AsyncIterable[Document]) -> AsyncIterator[pb.Document]:
+    if isinstance(documents, AsyncIterable):
+        async for document in documents:
+            yield _document(document)
+    else:
+        for document in documents:
+            yield _document(document)
+
+
+class DecontaminatorClient:
+    """`async with DecontaminatorClient("host:port") as c: async for v in c.check(docs): ...`."""
+
+    def __init__(self, target: str, timeout: float | None = 60.0):
+        self.target, self.timeout = target, timeout
+        self.channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self.stub = pb_grpc.DecontaminatorStub(self.channel)
+
+    async def __aenter__(self) -> DecontaminatorClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the server accepts connections (or raise TimeoutError)."""
+        await asyncio.wait_for(self.channel.channel_ready(), timeout)
+
+    async def check(
+        self, documents: Iterable[Document] | AsyncIterable[Document]
+    ) -> AsyncIterator[dict[str, Any]]:
+        """One verdict dict per document, in order; documents are dicts with `text`, `id`, `group`."""
+        call = self.stub.Check(_documents(documents))
+        try:
+            async for verdict in call:
+                yield verdict_dict(verdict)
+        except grpc.aio.AioRpcError as error:
+            raise DecontaminatorError(error.code().name, error.details() or "") from None
+        finally:
+            call.cancel()
+
+    async def report(self) -> dict[str, Any]:
+        """The server's report so far, as `cosmo decontaminate` writes report.json."""
+        try:
+            reply = await self.stub.Report(pb.ReportRequest(), timeout=self.timeout)
+        except grpc.aio.AioRpcError as error:
+            raise DecontaminatorError(error.code().name, error.details() or "") from None
+        report: dict[str, Any] = json.loads(reply.report_json)
+        return report
