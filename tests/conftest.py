@@ -89,6 +89,9 @@ def small_run(name: str = "tiny", **generation: Any) -> dict[str, Any]:
                 {"name": "math", "kind": "math", "uri": "cosmoforge://samples/math.jsonl", "idField": "id"},
             ],
             "prompts": {"seed": 3},
+            # The nine benchmarks load from the Hub, which tests cannot reach; tests that
+            # decontaminate name local benchmark files.
+            "postprocess": {"decontaminate": {"enabled": False}},
             "generation": {
                 "engine": "embedded",
                 "maxNewTokens": 12,
