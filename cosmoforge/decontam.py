@@ -720,7 +720,7 @@ NEAR_MISS_LIMIT = 1000
 
 
 @dataclass
-class _Tally:
+class Tally:
     removed: int = 0
     items: set[int] = field(default_factory=set)
 
@@ -745,8 +745,8 @@ def build_report(
     `documents_removed` counts it once. Near-misses are the candidates at or under the threshold
     in the documents that were kept: what an auditor would want to look at.
     """
-    totals = {name: _Tally() for name in index.benchmarks}
-    by_group: dict[str, dict[str, _Tally]] = {name: defaultdict(_Tally) for name in index.benchmarks}
+    totals = {name: Tally() for name in index.benchmarks}
+    by_group: dict[str, dict[str, Tally]] = {name: defaultdict(Tally) for name in index.benchmarks}
     near: list[tuple[int, Match]] = []
     for row, verdict in enumerate(verdicts):
         group = (groups[row] if groups is not None else None) or NO_GROUP

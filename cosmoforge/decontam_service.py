@@ -19,15 +19,14 @@ import asyncio
 import contextlib
 import json
 import logging
-import signal
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health
 
-from cosmoforge import decontam, evalsets
+from cosmoforge import decontam, evalsets, grpcbase
 from cosmoforge.protogen import ensure_generated
 
 ensure_generated()
@@ -52,19 +51,6 @@ Document = Mapping[str, str]  # "text", optional "id" and "group"
 # --- the running report -----------------------------------------------------------------------
 
 
-@dataclass
-class _Tally:
-    removed: int = 0
-    items: set[int] = field(default_factory=set)
-
-    def add(self, item_ids: set[int]) -> None:
-        self.removed += 1
-        self.items |= item_ids
-
-    def as_dict(self) -> dict[str, int]:
-        return {"removed": self.removed, "unique_items": len(self.items)}
-
-
 @dataclass(frozen=True, order=True)
 class _NearMiss:
     key: tuple[float, str, int]
@@ -86,8 +72,8 @@ class RunningReport:
         self.removed = 0
         self.empty = 0
         self.not_scored = 0
-        self.totals = {name: _Tally() for name in index.benchmarks}
-        self.by_group: dict[str, dict[str, _Tally]] = {name: {} for name in index.benchmarks}
+        self.totals = {name: decontam.Tally() for name in index.benchmarks}
+        self.by_group: dict[str, dict[str, decontam.Tally]] = {name: {} for name in index.benchmarks}
         self.groups: set[str] = set()
         self.near: list[_NearMiss] = []
         self.near_count = 0
@@ -104,7 +90,7 @@ class RunningReport:
             items_of.setdefault(match.benchmark, {match.item_id})
         for benchmark, item_ids in items_of.items():
             self.totals[benchmark].add(item_ids)
-            self.by_group[benchmark].setdefault(group, _Tally()).add(item_ids)
+            self.by_group[benchmark].setdefault(group, decontam.Tally()).add(item_ids)
         if not verdict.contaminated:
             self._near_misses(doc_id, row, verdict.near_misses)
 
@@ -143,7 +129,7 @@ class RunningReport:
                 name: {
                     "items": sizes.get(name, 0),
                     **self.totals[name].as_dict(),
-                    "groups": {g: self.by_group[name].get(g, _Tally()).as_dict() for g in groups},
+                    "groups": {g: self.by_group[name].get(g, decontam.Tally()).as_dict() for g in groups},
                 }
                 for name in self.index.benchmarks
             },
@@ -278,25 +264,17 @@ def create_server(
     """A server with the Decontaminator and health services bound to host:port (0: a free port)."""
     server = grpc.aio.server(options=_CHANNEL_OPTIONS)
     pb_grpc.add_DecontaminatorServicer_to_server(DecontaminatorServicer(index), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+    health_servicer, bound = grpcbase.bind(server, host, port)
     return server, health_servicer, bound
 
 
 async def serve(index: decontam.Index, port: int, host: str = "0.0.0.0") -> None:
     """Serve until SIGTERM or SIGINT."""
     server, health_servicer, bound = create_server(index, port, host)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    stop = grpcbase.stop_on_signals()
     try:
         await server.start()
-        for service in ("", SERVICE):
-            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await grpcbase.serving(health_servicer, SERVICE)
         sizes = index.items_per_benchmark()
         log.info(
             "decontaminator listening on %s:%d with %d items (%s)",
@@ -308,9 +286,7 @@ async def serve(index: decontam.Index, port: int, host: str = "0.0.0.0") -> None
         )
         await stop.wait()
     finally:
-        with contextlib.suppress(Exception):
-            await health_servicer.enter_graceful_shutdown()
-        await server.stop(GRACE_SECONDS)
+        await grpcbase.shut_down(server, health_servicer, GRACE_SECONDS)
         log.info("decontaminator stopped")
 
 
@@ -343,26 +319,12 @@ async def _documents(documents: Iterable[Document] | AsyncIterable[Document]) ->
             yield _document(document)
 
 
-class DecontaminatorClient:
+class DecontaminatorClient(grpcbase.Client):
     """`async with DecontaminatorClient("host:port") as c: async for v in c.check(docs): ...`."""
 
     def __init__(self, target: str, timeout: float | None = 60.0):
-        self.target, self.timeout = target, timeout
-        self.channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        super().__init__(target, timeout, options=_CHANNEL_OPTIONS)
         self.stub = pb_grpc.DecontaminatorStub(self.channel)
-
-    async def __aenter__(self) -> DecontaminatorClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self.channel.close()
-
-    async def wait_ready(self, timeout: float = 30.0) -> None:
-        """Block until the server accepts connections (or raise TimeoutError)."""
-        await asyncio.wait_for(self.channel.channel_ready(), timeout)
 
     async def check(
         self, documents: Iterable[Document] | AsyncIterable[Document]

@@ -8,12 +8,12 @@ call raises DispatcherError with the gRPC code and, for an invalid spec, each fi
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
+from cosmoforge import grpcbase
 from cosmoforge.dispatcher.proto import pb, pb_grpc, problems_from_metadata, to_dict
 
 
@@ -28,26 +28,12 @@ def _error(error: grpc.aio.AioRpcError) -> DispatcherError:
     return DispatcherError(error.code().name, error.details() or "", problems)
 
 
-class DispatcherClient:
+class DispatcherClient(grpcbase.Client):
     """`async with DispatcherClient("host:port") as client: await client.start_run(text)`."""
 
     def __init__(self, target: str, timeout: float | None = 60.0):
-        self.target, self.timeout = target, timeout
-        self.channel = grpc.aio.insecure_channel(target)
+        super().__init__(target, timeout)
         self.stub = pb_grpc.DispatcherStub(self.channel)
-
-    async def __aenter__(self) -> DispatcherClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self.channel.close()
-
-    async def wait_ready(self, timeout: float = 30.0) -> None:
-        """Block until the server accepts connections (or raise TimeoutError)."""
-        await asyncio.wait_for(self.channel.channel_ready(), timeout)
 
     async def start_run(self, spec_yaml: str) -> dict[str, Any]:
         try:

@@ -10,16 +10,14 @@ load balancers stop sending new ones).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health
 
-from cosmoforge import metrics
+from cosmoforge import grpcbase, metrics
 from cosmoforge.dispatcher.proto import SERVICE, pb, pb_grpc, problems_metadata, to_message
 from cosmoforge.dispatcher.runs import RunConflict, RunManager, RunNotFound, StartFailed
 from cosmoforge.dispatcher.state import ACK_WAIT_SECONDS
@@ -114,11 +112,7 @@ def create_server(
     """A server with the Dispatcher and health services bound to host:port (0: a free port)."""
     server = grpc.aio.server()
     pb_grpc.add_DispatcherServicer_to_server(DispatcherServicer(manager), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+    health_servicer, bound = grpcbase.bind(server, host, port)
     return server, health_servicer, bound
 
 
@@ -134,21 +128,15 @@ async def serve(
     """Run the dispatcher until SIGTERM or SIGINT."""
     manager = RunManager(nats_url, compact=compact, use_wandb=use_wandb, ack_wait=ack_wait)
     server, health_servicer, bound = create_server(manager, port, host)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    stop = grpcbase.stop_on_signals()
     try:
         await manager.start()
         await server.start()
-        for service in ("", SERVICE):
-            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await grpcbase.serving(health_servicer, SERVICE)
         log.info("dispatcher listening on %s:%d", host, bound, extra={"port": bound})
         await stop.wait()
     finally:
-        with contextlib.suppress(Exception):
-            await health_servicer.enter_graceful_shutdown()
-        await server.stop(GRACE_SECONDS)
+        await grpcbase.shut_down(server, health_servicer, GRACE_SECONDS)
         await manager.close()
         log.info("dispatcher stopped")
 
