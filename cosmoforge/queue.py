@@ -80,27 +80,6 @@ async def ensure_consumer(
     await js.add_consumer(stream_name(run), config)
 
 
-async def publish(
-    js: JetStreamContext, run: str, messages: Iterable[tuple[str, bytes]], window: int = 512
-) -> int:
-    """Publish (prompt id, payload) pairs with a bounded window of unacknowledged publishes."""
-    subject = prompts_subject(run)
-    published = 0
-    pending: list[asyncio.Future[object]] = []
-    for prompt_id, payload in messages:
-        pending.append(
-            asyncio.ensure_future(
-                js.publish(subject, payload, stream=stream_name(run), headers={"Nats-Msg-Id": prompt_id})
-            )
-        )
-        if len(pending) >= window:
-            await asyncio.gather(*pending)
-            published += len(pending)
-            pending.clear()
-    await asyncio.gather(*pending)
-    return published + len(pending)
-
-
 @dataclass
 class Published:
     """What a publish confirmed: new messages stored, and republished ids the stream dropped."""

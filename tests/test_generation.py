@@ -44,7 +44,7 @@ async def _enqueue(url: str, run: GenerationRun, prompts: list[Prompt], ack_wait
     spec = run.spec.generation
     await queue.ensure_consumer(js, run.name, ack_wait=ack_wait, max_deliver=spec.max_attempts + 1,
                                 max_ack_pending=spec.concurrency * 2)  # fmt: skip
-    await queue.publish(js, run.name, ((p.prompt_id, queue.encode(p.to_dict())) for p in prompts))
+    await queue.publish_all(nc, run.name, ((p.prompt_id, queue.encode(p.to_dict())) for p in prompts))
     await nc.close()
 
 

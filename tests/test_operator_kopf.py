@@ -87,8 +87,7 @@ def condition(api: KubeApi, run: str, kind: str) -> dict[str, Any]:
 
 async def _publish(url: str, run: str, count: int) -> None:
     nc = await nats.connect(url)
-    js = nc.jetstream()
-    await queue.publish(js, run, ((f"p{i}", b"{}") for i in range(count)))
+    await queue.publish_all(nc, run, ((f"p{i}", b"{}") for i in range(count)))
     await nc.close()
 
 
