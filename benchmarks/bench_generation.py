@@ -16,7 +16,8 @@ what is measured is the machinery around the model, not the model.
    result is durable (raw: the parquet file is written; pipeline: the queue is drained, which
    happens only after every shard is written). Repeated `--repeat` times, alternating.
 2. Publish rate: the dispatcher's publish of a run's manifest (read parquet, encode, publish,
-   every message confirmed by JetStream) with `queue.publish_all`, beside the plain one-future-per-message way.
+   every message confirmed by JetStream) with `queue.publish_all`, beside the plain way
+   (one awaited future per message).
 3. Memory: a `cosmo dispatcher` process starts runs of each `--memory` size with no workers;
    its peak resident memory (VmHWM) once every prompt is queued, and the time that took.
 
