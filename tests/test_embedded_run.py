@@ -138,3 +138,38 @@ def test_rerun_with_postprocessing_dedups_and_decontaminates_without_generating(
     assert leaked not in final.column("text").to_pylist()
     removed = pq.read_table(out / "post" / "decontam" / "removed.parquet").to_pylist()
     assert removed[0]["text"] == leaked and removed[0]["decontam_ratio"] > 0.5
+
+
+def test_run_clusters_web_seeds_before_building_prompts(tmp_path: Path) -> None:
+    """spec.clustering makes the run cluster web seeds that have no topics, with the run's model."""
+    from conftest import REPO
+    from cosmoforge.clustering.pipeline import read_assignments, read_topics
+
+    document = small_run("clustered")
+    corpus = REPO / "tests" / "data" / "clustering" / "subjects.jsonl"
+    document["spec"]["seeds"] = [
+        {"name": "web", "kind": "web", "uri": str(corpus), "idField": "id", "limit": 4}
+    ]
+    document["spec"]["clustering"] = {"clusters": 4, "samplesPerLabel": 3, "sampleSize": 100}
+    document["spec"]["generation"]["maxNewTokens"] = 4
+    result = _cosmo("run", str(write_spec(tmp_path / "run.yaml", document)), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    topics = read_topics(str(tmp_path / "out" / "clustered" / "topics" / "web"))
+    assert topics.num_rows == 4 and sum(topics.column("size").to_pylist()) == 40
+    # Every cluster is either kept with a label or says why not (the 135M model rarely gives a
+    # usable score); a prompt carries its cluster's label exactly when that cluster was kept.
+    rows = topics.to_pylist()
+    assert all((row["kept"] and row["label"]) or row["reason"] for row in rows)
+    kept = {row["cluster_id"]: row["label"] for row in rows if row["kept"]}
+    clusters: dict[str, int] = {}
+    for shard in read_assignments(str(tmp_path / "out" / "clustered" / "topics" / "web")):
+        clusters.update(
+            zip(shard.column("id").to_pylist(), shard.column("cluster_id").to_pylist(), strict=True)
+        )
+    dataset = read_dataset(RunStore.open(str(tmp_path / "out"), "clustered"))
+    assert dataset is not None and dataset.num_rows == 4
+    for seed_id, topic in zip(
+        dataset.column("seed_id").to_pylist(), dataset.column("topic").to_pylist(), strict=True
+    ):
+        # topicConditioning is 0.5, so a kept cluster's label may or may not be used.
+        assert topic is None or topic == kept.get(clusters[seed_id])
