@@ -467,15 +467,20 @@ def load_run(path: str | Path) -> GenerationRun:
         raise SpecError(source, [("(file)", "no such file")]) from None
     except UnicodeDecodeError:
         raise SpecError(source, [("(file)", "not UTF-8 text")]) from None
+    return parse_run(single_document(text, source), source)
+
+
+def single_document(text: str, source: str, whole: str = "(file)") -> Any:
+    """The one YAML document in `text`; `whole` names the text in errors that concern all of it."""
     try:
         documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else "(file)"
+        where = f"line {mark.line + 1}" if mark is not None else whole
         raise SpecError(source, [(where, f"invalid YAML: {getattr(error, 'problem', error)}")]) from None
     if len(documents) != 1:
-        raise SpecError(source, [("(file)", f"expected one YAML document, found {len(documents)}")])
-    return parse_run(documents[0], source)
+        raise SpecError(source, [(whole, f"expected one YAML document, found {len(documents)}")])
+    return documents[0]
 
 
 def dump_run(run: GenerationRun) -> str:

@@ -35,7 +35,6 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import yaml
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -61,7 +60,7 @@ from cosmoforge.dispatcher.state import (
 from cosmoforge.prompts import build_prompts
 from cosmoforge.runner import write_prompts
 from cosmoforge.seeds import SeedError
-from cosmoforge.spec import GenerationRun, Phase, SpecError, dump_run
+from cosmoforge.spec import GenerationRun, Phase, SpecError, dump_run, single_document
 from cosmoforge.storage import FAILURES, GENERATIONS, PROMPTS, RunStore
 from cosmoforge.validation import resolve_uri, validate_document
 
@@ -88,15 +87,7 @@ class StartFailed(Exception):
 
 def load_spec(text: str, source: str = "StartRun") -> GenerationRun:
     """One GenerationRun from YAML text; every problem becomes a SpecError naming field and reason."""
-    try:
-        documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else "(root)"
-        raise SpecError(source, [(where, f"invalid YAML: {getattr(error, 'problem', error)}")]) from None
-    if len(documents) != 1:
-        raise SpecError(source, [("(root)", f"expected one YAML document, found {len(documents)}")])
-    run = validate_document(documents[0], source)
+    run = validate_document(single_document(text, source, whole="(root)"), source)
     for seed in run.spec.seeds:
         seed.uri = resolve_uri(seed.uri)
     return run
