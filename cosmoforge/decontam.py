@@ -24,14 +24,15 @@ by n-gram keeps only the last one), matches items shorter than n words, and give
 answer for any worker count or `PYTHONHASHSEED` (hashes are computed from bytes, never with
 `hash()`).
 
-Speed comes from integers, not from changing the answer: n-gram hashes of a whole batch come
-from prefix sums over its bytes in a few numpy passes; the index is a sorted `uint64` array
-with the owning item per entry, looked up with `np.searchsorted` behind a bit filter; only
-candidates reach SequenceMatcher, on texts shortened in a way that provably keeps the ratio
-(see "verification" below), and a document holding the whole normalized item skips it (its
-first block is then the entire item: ratio 1). SequenceMatcher comes from `cydifflib` when
-installed, a C++ port of difflib that returns the same blocks, and from `difflib` otherwise.
-Batches run on every core in forked workers that inherit the index.
+Speed comes from integers, not from changing the answer: a batch of documents is normalized
+by one table lookup per character (numpy), tokens and n-grams are hashed from prefix sums in a
+few numpy passes, the index is a sorted `uint64` array with the owning item per entry, looked
+up with `np.searchsorted` behind a bit filter, and short items are looked for only where their
+first two words occur. Only candidates reach SequenceMatcher, on texts shortened in a way that
+provably keeps the ratio (see "verification" below), and a document holding the whole
+normalized item skips it (its first block is then the entire item: ratio 1). SequenceMatcher
+comes from `cydifflib` when installed, a C++ port of difflib that returns the same blocks, and
+from `difflib` otherwise. Batches run on every core in forked workers that inherit the index.
 """
 
 from __future__ import annotations
@@ -122,6 +123,13 @@ class Verdict:
 
 
 # --- normalization -------------------------------------------------------------------------
+#
+# `normalize` below is the definition. Batches take a faster road that gives the same tokens:
+# every step of the recipe maps one character to at most one character without looking at
+# its neighbours (NFD's reordering only moves marks, which are dropped), so a table indexed
+# by code point does all four steps in one numpy gather. Characters where that fails (NFD
+# to several letters, as Hangul syllables; capital sigma, whose lowercase depends on the next
+# letter) send their document down the definition's road.
 
 _WORD = re.compile(r"\w+")
 _NON_ASCII = re.compile(r"[^\x00-\x7f]+")
@@ -158,13 +166,87 @@ def tokenize(text: str) -> list[str]:
     return normalize(text).split()
 
 
+_SPACE = 32
+_TEXT_END = 10  # between texts in a batch; never inside a normalized one
+_DROP = -1  # the character vanishes (a mark)
+_SLOW = -2  # the table cannot say: normalize the document by the definition
+_ASTRAL = 0x10000  # table slot standing for every code point above the BMP
+
+
+@lru_cache(maxsize=4096)
+def _char_code(code: int) -> int:
+    """What one code point becomes: a code point, _SPACE, _DROP or _SLOW."""
+    if 0xD800 <= code <= 0xDFFF:
+        return _SPACE  # a lone surrogate is no word character
+    char = chr(code)
+    kept = "".join(
+        c for c in unicodedata.normalize("NFD", char) if not unicodedata.category(c).startswith("M")
+    )
+    if "\u03a3" in kept:
+        return _SLOW
+    lowered = kept.lower()
+    if len(lowered) > 1:
+        return _SLOW
+    if not lowered:
+        return _DROP
+    return ord(lowered) if lowered.isalnum() or lowered == "_" else _SPACE
+
+
+@lru_cache(maxsize=1)
+def _char_table() -> np.ndarray:
+    # Built once per process (about 0.2 s); forked workers inherit it with the index.
+    table = np.array([_char_code(code) for code in range(_ASTRAL)] + [_SLOW], dtype=np.int32)
+    table[0] = _TEXT_END  # the batch joins texts with NUL, which a text's own NULs never are
+    return table
+
+
+_ASCII_TABLE = np.array(
+    [
+        _TEXT_END if code == 0 else code if chr(code).isalnum() or code == 95 else _SPACE
+        for code in range(128)
+    ],
+    dtype=np.uint8,
+)
+_ASCII_TABLE[65:91] += 32  # lowercase
+
+
+def _normalized_codes(texts: Sequence[str]) -> np.ndarray:
+    """Code points of the normalized texts: tokens apart by runs of spaces, texts by newlines."""
+    joined = "\0".join(texts)
+    if joined.count("\0") >= len(texts):  # a text's own NULs are word breaks, as any control
+        texts = [text.replace("\0", " ") for text in texts]
+        joined = "\0".join(texts)
+    if joined.isascii():
+        return _ASCII_TABLE[np.frombuffer(joined.encode("ascii"), dtype=np.uint8)]
+    codes = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32)
+    table = _char_table()
+    if codes.max() < _ASTRAL:
+        mapped = table[codes]
+    else:
+        mapped = table[np.minimum(codes, _ASTRAL)]
+        astral = np.flatnonzero(codes >= _ASTRAL)
+        mapped[astral] = [_char_code(int(code)) for code in codes[astral]]
+    lowest = mapped.min()
+    if lowest <= _SLOW:
+        ends = np.flatnonzero(codes == 0)
+        pieces = np.split(mapped, ends)  # every piece but the first starts with its separator
+        for number in set(np.searchsorted(ends, np.flatnonzero(mapped == _SLOW)).tolist()):
+            again = np.frombuffer(normalize(texts[number]).encode("utf-32-le"), dtype=np.uint32)
+            pieces[number] = np.concatenate(([_TEXT_END] if number else [], again)).astype(np.int32)
+        mapped = np.concatenate(pieces)
+    # Precomposed letters map straight to their base letter; marks standing alone are rare.
+    return mapped[mapped != _DROP] if lowest <= _DROP else mapped
+
+
 # --- hashing -------------------------------------------------------------------------------
 #
-# An n-gram's hash is a polynomial hash of its normalized bytes (tokens joined by one space),
-# finished with a 64-bit mixer. Prefix sums give every n-gram of a whole batch in a few numpy
-# passes: with R the inverse of the odd base B modulo 2**64, S[t] = sum(byte[u] * R**u, u < t),
-# and the hash of bytes [s, e) is (S[e] - S[s]) * B**(e - 1). Values depend on the bytes only,
-# never on the process, the worker count or PYTHONHASHSEED.
+# A token's hash is a polynomial over its code points, finished with a 64-bit mixer; an
+# n-gram's hash is the same polynomial over its tokens' hashes, mixed again. Hashing tokens
+# first makes an n-gram's hash blind to how its tokens are spaced, so a batch is hashed
+# straight from the table's output. Prefix sums give every hash of a whole batch in a few
+# numpy passes: with R the inverse of the odd base B modulo 2**64 and S[t] = sum(x[u] * R**u,
+# u < t), the polynomial of x[s:e] is (S[e] - S[s]) * B**(e - 1). Values depend on the text
+# only, never on the process, the worker count or PYTHONHASHSEED.
 
 _BASE = 0x100000001B3
 _BASE_INVERSE = pow(_BASE, -1, 1 << 64)
@@ -192,56 +274,120 @@ def _powers(count: int) -> tuple[np.ndarray, np.ndarray]:
 def _mix(values: np.ndarray) -> np.ndarray:
     # MurmurHash3's 64-bit finalizer spreads the polynomial's low-entropy high bits.
     values = values ^ (values >> np.uint64(33))
-    values = values * np.uint64(0xFF51AFD7ED558CCD)
-    values = values ^ (values >> np.uint64(33))
-    values = values * np.uint64(0xC4CEB9FE1A85EC53)
+    values *= np.uint64(0xFF51AFD7ED558CCD)
+    values ^= values >> np.uint64(33)
+    values *= np.uint64(0xC4CEB9FE1A85EC53)
     return values ^ (values >> np.uint64(33))
+
+
+def _prefix(values: np.ndarray, inverse: np.ndarray) -> np.ndarray:
+    prefix = np.zeros(values.size + 1, dtype=np.uint64)
+    np.cumsum(values.astype(np.uint64) * inverse[: values.size], out=prefix[1:])
+    return prefix
 
 
 @dataclass(frozen=True)
 class _Tokens:
-    """Every token of a batch of normalized texts, located in their joined UTF-8 bytes."""
+    """Every token of a batch of texts, hashed, with the prefix sums its n-grams come from."""
 
-    prefix: np.ndarray  # uint64 S[t] over the joined bytes, S[0] = 0
+    hashes: np.ndarray  # uint64 hash of each token
+    prefix: np.ndarray  # uint64 S[t] over the token hashes, S[0] = 0
     forward: np.ndarray  # uint64 B**t
-    starts: np.ndarray  # int64 byte offset of each token
-    ends: np.ndarray  # int64 byte offset just past each token
     text_of: np.ndarray  # int64 which text each token belongs to
     first_token: np.ndarray  # int64 index of each text's first token
     counts: np.ndarray  # int64 tokens per text
 
 
-def _locate(texts: Sequence[str]) -> _Tokens:
-    data = np.frombuffer("\n".join(texts).encode("utf-8"), dtype=np.uint8)
-    forward, inverse = _powers(data.size + 1)
-    prefix = np.zeros(data.size + 1, dtype=np.uint64)
-    np.cumsum(data.astype(np.uint64) * inverse[: data.size], out=prefix[1:])
-    # Normalized text holds word bytes (all > 32, UTF-8 continuation bytes included), single
-    # spaces between tokens and the newline between texts.
-    edges = np.diff((data > 32).astype(np.int8), prepend=np.int8(0), append=np.int8(0))
-    starts = np.flatnonzero(edges == 1)
-    ends = np.flatnonzero(edges == -1)
-    text_of = np.searchsorted(np.flatnonzero(data == 10), starts)
-    counts = np.bincount(text_of, minlength=len(texts)).astype(np.int64)
-    return _Tokens(prefix, forward, starts, ends, text_of, np.cumsum(counts) - counts, counts)
+def _locate(codes: np.ndarray, texts: int) -> _Tokens:
+    """Tokens of `_normalized_codes` output holding `texts` texts."""
+    forward, inverse = _powers(codes.size + 1)
+    chars = _prefix(codes, inverse)
+    word = np.zeros(codes.size + 2, dtype=np.int8)
+    np.greater(codes, _SPACE, out=word[1:-1])
+    # Word and non-word runs alternate, so the changes are start, end, start, end...
+    changes = np.flatnonzero(word[1:] != word[:-1])
+    starts, ends = changes[0::2], changes[1::2]
+    hashes = _mix((chars[ends] - chars[starts]) * forward[ends - 1])
+    text_of = np.searchsorted(np.flatnonzero(codes == _TEXT_END), starts)
+    counts = np.bincount(text_of, minlength=texts).astype(np.int64)
+    token_forward, token_inverse = _powers(hashes.size + 1)
+    return _Tokens(
+        hashes, _prefix(hashes, token_inverse), token_forward, text_of, np.cumsum(counts) - counts, counts
+    )
+
+
+def _tokens_of(texts: Sequence[str]) -> _Tokens:
+    return _locate(_normalized_codes(texts), len(texts))
 
 
 def _grams(tokens: _Tokens, k: int, at: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(first token index, hash) of every run of k tokens inside one text (starting `at` only)."""
-    count = tokens.starts.size
+    count = tokens.hashes.size
     first = np.arange(max(count - k + 1, 0)) if at is None else at[at + (k - 1) < count]
-    first = first[tokens.text_of[first] == tokens.text_of[first + (k - 1)]]
-    start, end = tokens.starts[first], tokens.ends[first + (k - 1)]
-    hashes = (tokens.prefix[end] - tokens.prefix[start]) * tokens.forward[end - 1]
-    return first, _mix(hashes)
+    last = first + (k - 1)
+    first = first[tokens.text_of[first] == tokens.text_of[last]]
+    end = first + k
+    return first, _mix((tokens.prefix[end] - tokens.prefix[first]) * tokens.forward[end - 1])
 
 
 def gram_hashes(text: str, k: int) -> np.ndarray:
     """Hash of each k-gram of a text's normalized tokens, the same integers the index holds."""
-    return _grams(_locate([normalize(text)]), k)[1]
+    return _grams(_tokens_of([text]), k)[1]
 
 
 # --- index ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _BitFilter:
+    """One bit per slot of a key's top bits: most absent keys are ruled out by one load."""
+
+    table: np.ndarray  # uint8
+    bits: int
+
+    @classmethod
+    def of(cls, keys: np.ndarray) -> _BitFilter:
+        # 64 to 128 bits per key keep false positives near 1 %, so few keys reach the binary
+        # search; the table is 8 KiB to 128 MiB.
+        bits = min(30, max(16, int(np.ceil(np.log2(max(keys.size, 1) * 64)))))
+        table = np.zeros(1 << (bits - 3), dtype=np.uint8)
+        slots = keys >> np.uint64(64 - bits)
+        np.bitwise_or.at(
+            table, (slots >> np.uint64(3)).astype(np.intp), np.left_shift(1, slots & 7).astype(np.uint8)
+        )
+        return cls(table, bits)
+
+    def maybe(self, keys: np.ndarray) -> np.ndarray:
+        slots = keys >> np.uint64(64 - self.bits)
+        return (self.table[(slots >> np.uint64(3)).astype(np.intp)] >> (slots & 7).astype(np.uint8)) & 1 == 1
+
+
+@dataclass(frozen=True)
+class _Anchors:
+    """The first `length` tokens of short items, hashed: a short item can only start there.
+
+    Two tokens, not one: single words such as "the" begin short items and a third of a text's
+    tokens, while two-word openings are rare.
+    """
+
+    length: int
+    hashes: np.ndarray  # uint64, sorted, distinct
+    filter: _BitFilter
+
+    @classmethod
+    def of(cls, length: int, hashes: np.ndarray) -> _Anchors:
+        hashes = np.unique(hashes)
+        return cls(length, hashes, _BitFilter.of(hashes))
+
+    def starts(self, tokens: _Tokens) -> np.ndarray:
+        first, hashes = _grams(tokens, self.length)
+        maybe = np.flatnonzero(self.filter.maybe(hashes))
+        first, hashes = first[maybe], hashes[maybe]
+        slot = np.minimum(np.searchsorted(self.hashes, hashes), self.hashes.size - 1)
+        return first[self.hashes[slot] == hashes]
+
+
+ANCHOR_TOKENS = 2
 
 
 @dataclass(frozen=True, eq=False)
@@ -254,9 +400,8 @@ class Index:
     keys: np.ndarray  # uint64, sorted
     owners: np.ndarray  # int32 item id of each key
     lengths: tuple[int, ...]  # gram lengths present: n, plus the lengths of short items
-    bits: np.ndarray  # uint8 bit filter over the top `filter_bits` bits of each key
-    filter_bits: int
-    short_heads: np.ndarray  # uint64 sorted hashes of the first token of every short item
+    filter: _BitFilter  # over keys
+    anchors: tuple[_Anchors, ...]  # where short items can start
     unmatchable: tuple[int, ...] = ()  # item ids too short to ever exceed the threshold
 
     @property
@@ -267,34 +412,13 @@ class Index:
         return dict(Counter(item.benchmark for item in self.items))
 
 
-def _filter_size(keys: int) -> int:
-    # 64 to 128 bits per key keep false positives near 1 %, so few grams reach the binary
-    # search; the table is 8 KiB to 128 MiB.
-    return min(30, max(16, int(np.ceil(np.log2(max(keys, 1) * 64)))))
-
-
-def _bit_filter(keys: np.ndarray, bits: int) -> np.ndarray:
-    table = np.zeros(1 << (bits - 3), dtype=np.uint8)
-    slots = keys >> np.uint64(64 - bits)
-    np.bitwise_or.at(
-        table, (slots >> np.uint64(3)).astype(np.int64), np.left_shift(1, slots & 7).astype(np.uint8)
-    )
-    return table
-
-
-def _maybe_in(keys: np.ndarray, index: Index) -> np.ndarray:
-    slots = keys >> np.uint64(64 - index.filter_bits)
-    return (
-        (index.bits[(slots >> np.uint64(3)).astype(np.int64)] >> (slots & 7).astype(np.uint8)) & 1
-    ).astype(bool)
-
-
 def build_index(items: Iterable[BenchmarkItem], config: Config | None = None) -> Index:
     """Index every n-gram of every item (short items whole), keeping every owner of an n-gram."""
     config = config or Config()
     items = tuple(items)
+    _char_table()  # before any fork, so workers share it
     normalized = [normalize(item.text) for item in items]
-    tokens = _locate(normalized)
+    tokens = _tokens_of([item.text for item in items])
     # An item of k < n tokens is one k-gram; longer items give their n-grams.
     gram_length = np.minimum(tokens.counts, config.ngram)
     matchable = np.array([len(text) > config.min_block_chars for text in normalized], dtype=bool)
@@ -314,9 +438,12 @@ def build_index(items: Iterable[BenchmarkItem], config: Config | None = None) ->
     distinct = np.ones(keys.size, dtype=bool)
     distinct[1:] = (keys[1:] != keys[:-1]) | (owners[1:] != owners[:-1])
     keys, owners = keys[distinct], owners[distinct]
-    heads, head_hashes = _grams(tokens, 1, tokens.first_token)
-    short = (gram_length[tokens.text_of[heads]] < config.ngram) & matchable[tokens.text_of[heads]]
-    bits = _filter_size(keys.size)
+    short = (gram_length < config.ngram) & (gram_length > 0) & matchable
+    anchor_length = np.minimum(gram_length, ANCHOR_TOKENS)
+    anchors = []
+    for length in sorted(set(anchor_length[short].tolist())):
+        heads = tokens.first_token[short & (anchor_length == length)]
+        anchors.append(_Anchors.of(length, _grams(tokens, length, heads)[1]))
     return Index(
         config=config,
         items=items,
@@ -324,9 +451,8 @@ def build_index(items: Iterable[BenchmarkItem], config: Config | None = None) ->
         keys=keys,
         owners=owners,
         lengths=tuple(lengths),
-        bits=_bit_filter(keys, bits),
-        filter_bits=bits,
-        short_heads=np.unique(head_hashes[short]),
+        filter=_BitFilter.of(keys),
+        anchors=tuple(anchors),
         unmatchable=tuple(np.flatnonzero(~matchable).tolist()),
     )
 
@@ -347,7 +473,7 @@ class _Hits:
 
 def _lookup(grams: np.ndarray, index: Index) -> tuple[np.ndarray, np.ndarray]:
     """(gram number, key slot) for every key equal to one of the grams."""
-    maybe = np.flatnonzero(_maybe_in(grams, index))
+    maybe = np.flatnonzero(index.filter.maybe(grams))
     if maybe.size == 0:
         return maybe, maybe
     wanted = grams[maybe]
@@ -363,16 +489,12 @@ def _lookup(grams: np.ndarray, index: Index) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _short_starts(tokens: _Tokens, index: Index) -> np.ndarray:
-    """Tokens that begin some short item: the only places a short item can start."""
-    first, hashes = _grams(tokens, 1)
-    if index.short_heads.size == 0 or first.size == 0:
-        return first[:0]
-    slot = np.minimum(np.searchsorted(index.short_heads, hashes), index.short_heads.size - 1)
-    return first[index.short_heads[slot] == hashes]
+    """Tokens where some short item may start, in order."""
+    found = [anchors.starts(tokens) for anchors in index.anchors]
+    return np.unique(np.concatenate(found)) if found else np.empty(0, dtype=np.int64)
 
 
-def _batch_hits(normalized: Sequence[str], index: Index) -> _Hits:
-    tokens = _locate(normalized)
+def _batch_hits(tokens: _Tokens, index: Index) -> _Hits:
     has_short = any(k < index.config.ngram for k in index.lengths)
     short_starts = _short_starts(tokens, index) if has_short else None
     found_docs, found_items, found_pos, found_len = [], [], [], []
@@ -604,8 +726,8 @@ def _verify(text: str, candidates: Sequence[_Candidate], index: Index) -> Verdic
 
 def check_batch(docs: Sequence[str], index: Index) -> list[Verdict]:
     """Verdicts for a batch of documents, in order."""
-    normalized = [normalize(doc) for doc in docs]
-    hits = _batch_hits(normalized, index)
+    tokens = _tokens_of(docs)
+    hits = _batch_hits(tokens, index)
     candidates: dict[int, list[_Candidate]] = defaultdict(list)
     for doc, item_id, first, length, count in zip(
         hits.docs.tolist(),
@@ -616,11 +738,12 @@ def check_batch(docs: Sequence[str], index: Index) -> list[Verdict]:
         strict=True,
     ):
         candidates[doc].append(_Candidate(item_id, first, length, count))
+    # Only candidates need their normalized text; the others need only their token count.
     return [
-        _verify(text, candidates[number], index)
+        _verify(normalize(docs[number]), candidates[number], index)
         if number in candidates
-        else Verdict(False, tokens=text.count(" ") + 1 if text else 0)
-        for number, text in enumerate(normalized)
+        else Verdict(False, tokens=count)
+        for number, count in enumerate(tokens.counts.tolist())
     ]
 
 

@@ -60,6 +60,41 @@ def test_normalize_is_nfd_without_marks_lowercase_word_tokens() -> None:
         assert normalize(text) == _plain_normalize(text), repr(text)
 
 
+def test_batches_are_normalized_to_the_same_tokens_as_the_definition() -> None:
+    # The per-character table must agree with the recipe on what it can do (accents, marks,
+    # ligature-free scripts, astral symbols, NUL) and hand over what it cannot (Hangul
+    # syllables that decompose to several letters, capital sigma whose case depends on context).
+    rng = random.Random(11)
+    alphabet = [
+        *"abcXYZ09 _-.,\n\t\0",
+        *"éÉßİΣσΩαÅñıſµǅǰΐὒᾈẞ\u2019\u2013…①²½٣ー한국\u0301\u0345\u200d",
+        *(chr(rng.randrange(0x80, 0x3000)) for _ in range(200)),
+        *(chr(rng.randrange(0x10000, 0x20000)) for _ in range(20)),
+        "\U0001f600",  # an emoji
+        "\U0001d400",  # mathematical bold capital A
+    ]
+    for _ in range(1500):
+        texts = [
+            "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(rng.randint(1, 5))
+        ]
+        tokens = decontam._tokens_of(texts)
+        assert tokens.counts.tolist() == [len(normalize(text).split()) for text in texts], repr(texts)
+        codes = decontam._normalized_codes(texts).astype(np.uint32)
+        batch = codes.tobytes().decode("utf-32-le").split("\n")
+        assert [part.split() for part in batch] == [normalize(text).split() for text in texts], repr(texts)
+
+
+def test_gram_hashes_do_not_depend_on_spacing_or_batch_neighbours() -> None:
+    text = "The Quick,  brown fox — jumps over the lazy dog again and again"
+    alone = decontam.gram_hashes(text, 3)
+    assert np.array_equal(alone, decontam.gram_hashes(normalize(text), 3))
+    tokens = decontam._tokens_of(["other words first", text, "and after"])
+    first, hashes = decontam._grams(tokens, 3)
+    mine = tokens.text_of[first] == 1
+    assert np.array_equal(hashes[mine], alone)
+    assert np.unique(alone).size == alone.size  # "again and again" differs from "and again"
+
+
 def test_match_ratio_equals_sequencematcher_on_the_whole_texts() -> None:
     rng = random.Random(3)
     for _ in range(1500):
