@@ -58,6 +58,8 @@ def _train(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup,
         seed=args.seed,
         threads=args.threads,
+        device=args.device,
+        precision=args.precision,
     )
     try:
         result = train(args.tokens, args.out, config)
@@ -65,7 +67,8 @@ def _train(args: argparse.Namespace) -> int:
         return _fail("train", error)
     size = f"{result.parameters / 1e6:.1f}M parameters"
     loss = f"loss {result.first_loss:.3f} -> {result.final_loss:.3f}"
-    print(f"{result.preset} Llama ({size}), {result.steps} steps on {result.tokens} tokens: {loss}")
+    where = f"{result.device}, {result.precision}"
+    print(f"{result.preset} Llama ({size}, {where}), {result.steps} steps on {result.tokens} tokens: {loss}")
     print(f"checkpoint: {result.checkpoint}")
     print(f"loss log: {result.output}/loss.jsonl, plot: {result.output}/loss.png")
     return 0
@@ -124,7 +127,7 @@ def register(subparsers: Any) -> None:
 
     train = subparsers.add_parser(
         "train",
-        help="train a small Llama on token files, on the CPU",
+        help="train a small Llama on token files, on the CPU or one GPU",
         description="Train a preset Llama on TOKENS (a `cosmo tokenize` folder) and save a checkpoint.",
     )
     train.add_argument("tokens", metavar="TOKENS")
@@ -137,6 +140,18 @@ def register(subparsers: Any) -> None:
     train.add_argument("--warmup", type=int, default=10, help="linear warmup steps")
     train.add_argument("--seed", type=int, default=42)
     train.add_argument("--threads", type=_positive, default=None, help="torch threads (default: 1 for tiny)")
+    train.add_argument(
+        "--device",
+        default="auto",
+        metavar="auto|cpu|cuda[:N]",
+        help="where to train (default: auto, a CUDA GPU when torch sees one, else the CPU)",
+    )
+    train.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16-mixed", "bf16"],
+        help="auto: fp32 on the CPU, the preset's dtype on CUDA (bfloat16 -> bf16-mixed)",
+    )
     train.set_defaults(func=_train)
 
     evaluate = subparsers.add_parser(

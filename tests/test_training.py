@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import struct
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import textwrap
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -219,6 +221,182 @@ def test_schedule_warms_up_then_decays_to_a_tenth() -> None:
     assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in itertools.pairwise(rates[9:]))
     assert rates[-1] == pytest.approx(1e-4, rel=0.05)
+
+
+def test_device_cpu_and_auto_on_a_cpu_train_as_before(
+    tokens: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = ["--preset", "tiny", "--steps", "3", "--batch-size", "4", "--seq-len", "32", "--warmup", "1"]
+    runs = {}
+    for device in ("cpu", "auto"):
+        out = tmp_path / device
+        assert cosmo(["train", str(tokens), "--out", str(out), *argv, "--device", device]) == 0
+        summary = json.loads((out / "train.json").read_text())
+        losses = [json.loads(line)["loss"] for line in (out / "loss.jsonl").read_text().splitlines()]
+        runs[device] = (summary["device"], summary["precision"], losses)
+    # Same device, same fp32 weights, same seed: the same losses, bit for bit.
+    assert runs["auto"] == runs["cpu"]
+    assert runs["cpu"][:2] == ("cpu", "fp32") and len(runs["cpu"][2]) == 3
+
+
+def test_unavailable_or_unknown_device_stops_before_any_work(
+    tokens: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    from cosmoforge.training.cpu_train import resolve_device, resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "model"
+    for device, message in (
+        ("cuda", "'cuda' requested but"),
+        ("cuda:1", "'cuda:1' requested but"),
+        ("tpu", "unknown device"),
+    ):
+        capsys.readouterr()
+        assert cosmo(["train", str(tokens), "--out", str(out), "--steps", "2", "--device", device]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("cosmo train: error:") and message in err[0], err
+    assert not out.exists()
+    assert resolve_device("auto") == resolve_device("cpu") == "cpu"
+    assert resolve_precision(PRESETS["1b"], "cpu") == "fp32"
+    assert resolve_precision(PRESETS["1b"], "cuda") == "bf16-mixed"
+    assert resolve_precision(PRESETS["tiny"], "cuda") == "fp32"
+
+
+# --- GPU benchmark (benchmarks/gpu_train.py), run on the CPU ------------------------------
+
+GPU_TRAIN = Path(__file__).parents[1] / "benchmarks" / "gpu_train.py"
+
+
+def gpu_train() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_train", GPU_TRAIN)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_benchmark_summary_on_the_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--preset", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--micro-batch", "1,2"]
+    argv += ["--seq-len", "32", "--threads", "1", "--peak-tflops", "1", "--out", str(tmp_path / "s.json")]
+    assert gpu_train().main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert printed == summary
+
+    import torch
+    import transformers
+
+    environment = summary["environment"]
+    assert (
+        environment["torch"] == torch.__version__ and environment["transformers"] == transformers.__version__
+    )
+    assert environment["gpu"] is None
+    parameters = PRESETS["tiny"].parameter_count(vocab_size=4096)
+    assert summary["model"]["parameters"] == parameters
+    assert (
+        summary["settings"] | {"device": "cpu", "precision": "fp32", "sequence_length": 32}
+        == summary["settings"]
+    )
+    assert summary["settings"]["flops_per_token"] == 6 * parameters
+    assert summary["loss_floor"] < summary["loss_uniform_guess"] == pytest.approx(8.318, abs=1e-3)
+    assert [run["micro_batch"] for run in summary["runs"]] == [1, 2]
+    for run in summary["runs"]:
+        assert run["status"] == "ok" and run["parameters"] == parameters
+        assert (run["steps_run"], run["warmup_steps"], run["timed_steps"]) == (2, 1, 1)
+        assert run["tokens_per_step"] == run["micro_batch"] * 32
+        assert run["tokens_per_second"] > 0 and run["step_seconds_median"] > 0
+        assert run["mfu"] == pytest.approx(run["tokens_per_second"] * 6 * parameters / 1e12, rel=1e-2)
+        assert abs(run["loss_first"] - math.log(4096)) < 0.5 and len(run["losses"]) == 2
+    assert summary["best"]["micro_batch"] in (1, 2)
+
+
+def test_gpu_benchmark_reads_token_files_and_keeps_to_its_budget(
+    tokens: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main = gpu_train().main
+    argv = ["--preset", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--micro-batch", "2"]
+    argv += ["--seq-len", "32", "--threads", "1", "--tokens", str(tokens)]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["model"]["vocab_size"] == 600 and summary["loss_floor"] is None
+    assert summary["runs"][0]["status"] == "ok"
+
+    # No time left: every size is skipped, and the summary still comes out (exit status 1).
+    assert main([*argv, "--max-seconds", "0"]) == 1
+    summary = json.loads(capsys.readouterr().out)
+    assert [run["status"] for run in summary["runs"]] == ["skipped: time budget"] and summary["best"] is None
+
+    assert main([*argv, "--device", "tpu"]) == 2
+    assert capsys.readouterr().err.startswith("gpu_train: error: unknown device")
+
+
+def test_gpu_benchmark_retries_out_of_memory_with_checkpointing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    module = gpu_train()
+    measure = module.measure
+
+    def fits_up_to_one_then_two_with_checkpointing(plan: Any, *args: Any, **kwargs: Any) -> Any:
+        if plan.micro_batch > (2 if plan.grad_ckpt else 1):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return measure(plan, *args, **kwargs)
+
+    monkeypatch.setattr(module, "measure", fits_up_to_one_then_two_with_checkpointing)
+    argv = [
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--micro-batch",
+        "1,2,4,8",
+    ]
+    assert module.main([*argv, "--seq-len", "16", "--threads", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    runs = [(run["micro_batch"], run["grad_ckpt"], run["status"]) for run in summary["runs"]]
+    # 2 is retried with checkpointing, 4 starts with it, and 8 is not tried once 4 does not fit.
+    assert runs == [
+        (1, False, "ok"),
+        (2, False, "out of memory"),
+        (2, True, "ok"),
+        (4, True, "out of memory"),
+    ]
+    assert "Tried to allocate" in summary["runs"][1]["error"]
+
+
+def test_gpu_benchmark_needs_only_torch_transformers_and_numpy(tmp_path: Path) -> None:
+    # The lent GPU machine has torch, transformers and numpy; block the rest of cosmoforge's
+    # dependencies and run the benchmark for one step.
+    out = str(tmp_path / "s.json")
+    script = textwrap.dedent(
+        f"""
+        import runpy, sys
+        # None in sys.modules: `import` fails and importlib.util.find_spec answers None, as when
+        # the package is not installed.
+        for name in ("pydantic", "datatrove", "pyarrow", "matplotlib", "datasets", "lighteval", "kopf",
+                     "kubernetes", "grpc", "nats", "spacy", "faiss", "sentence_transformers", "s3fs"):
+            sys.modules[name] = None
+        sys.argv = ["gpu_train.py", "--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0",
+                    "--micro-batch", "1", "--seq-len", "16", "--threads", "1", "--out", {out!r}]
+        runpy.run_path({str(GPU_TRAIN)!r}, run_name="__main__")
+        """
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert json.loads((tmp_path / "s.json").read_text())["runs"][0]["status"] == "ok"
 
 
 # --- evaluation ---------------------------------------------------------------------------

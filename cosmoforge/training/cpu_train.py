@@ -1,15 +1,22 @@
-"""Train a tiny Llama on the CPU from the same token files the GPU path feeds nanotron.
+"""Train a tiny Llama on the CPU (or one GPU) from the same token files the GPU path feeds nanotron.
 
 This is not a substitute for the nanotron run: it exists so that a laptop or CI can prove the
 data path end to end (dataset -> datatrove tokens -> windows -> a model whose loss goes down)
-and hand a real checkpoint to the evaluation step. It uses transformers' Llama, the same
-architecture family as cosmo-1b, and reads the tokens with datatrove's `DatatroveFolderDataset`,
-the reader nanotron's Nanoset is built on, so windows of `sequence_length + 1` tokens are cut
-exactly as on the cluster. The learning-rate schedule (linear warmup, cosine decay to a tenth)
-is the one the nanotron config asks for.
+and hand a real checkpoint to the evaluation step. The same loop runs on one CUDA GPU when
+there is one (`device`), in bf16 mixed precision when the preset's dtype is bfloat16, and
+`benchmarks/gpu_train.py` times its step (`train_step`) on the `1b` preset. It uses
+transformers' Llama, the same architecture family as cosmo-1b, and reads the tokens with
+datatrove's `DatatroveFolderDataset`, the reader nanotron's Nanoset is built on, so windows of
+`sequence_length + 1` tokens are cut exactly as on the cluster. The learning-rate schedule
+(linear warmup, cosine decay to a tenth) is the one the nanotron config asks for.
 
 Outputs in the run folder: `checkpoint/` (save_pretrained weights and tokenizer), `loss.jsonl`
 and `loss.csv` (one row per step), `loss.png`, and `train.json` (a summary).
+
+Module-level imports are the standard library and cosmoforge modules that import only the
+standard library, so the benchmark can import this module on a machine with torch and
+transformers and nothing else; torch, transformers, datatrove and matplotlib load inside the
+functions that use them.
 """
 
 from __future__ import annotations
@@ -28,10 +35,16 @@ from cosmoforge.training.presets import ModelPreset, check_sequence_length, get_
 from cosmoforge.training.tokenize import TOKENIZER_FILE, read_metrics
 
 if TYPE_CHECKING:
-    from transformers import LlamaConfig
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
 CHECKPOINT_DIR = "checkpoint"
 MIN_LR_RATIO = 0.1
+DEVICES = ("auto", "cpu", "cuda")
+# fp32: weights and compute in float32. bf16-mixed: float32 master weights, optimizer state and
+# gradients, matrix products in bfloat16 under autocast (what nanotron's bf16 runs do with their
+# fp32 master copy). bf16: the weights themselves in bfloat16 (half the memory, lossy updates).
+PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,11 @@ class TrainConfig:
     # None: one thread for `tiny` (a model this small spends more time synchronising threads
     # than computing; on a busy 2-core machine two threads were 6x slower), every core otherwise.
     threads: int | None = None
+    # auto: the first CUDA GPU when torch sees one, else the CPU; cpu; cuda or cuda:N (an error
+    # when torch sees no such GPU).
+    device: str = "auto"
+    # auto: fp32 on the CPU; on CUDA the preset's dtype (bfloat16 -> bf16-mixed). See PRECISIONS.
+    precision: str = "auto"
 
 
 @dataclass
@@ -60,6 +78,8 @@ class TrainResult:
     tokens: int
     seconds: float
     losses: list[float] = field(default_factory=list)
+    device: str = "cpu"
+    precision: str = "fp32"
 
     @property
     def first_loss(self) -> float:
@@ -109,7 +129,130 @@ def check_config(config: TrainConfig) -> ModelPreset:
         raise TrainingError(f"steps must be at least 1, got {config.steps}")
     if config.batch_size < 1:
         raise TrainingError(f"batch size must be at least 1, got {config.batch_size}")
+    check_device_name(config.device)
+    if config.precision not in PRECISIONS:
+        raise TrainingError(f"unknown precision {config.precision!r}: use one of {', '.join(PRECISIONS)}")
     return preset
+
+
+def check_device_name(device: str) -> None:
+    """auto, cpu, cuda or cuda:N; whether the GPU exists is `resolve_device`'s question."""
+    index = device.removeprefix("cuda:")
+    if device not in DEVICES and not (device.startswith("cuda:") and index.isdigit()):
+        raise TrainingError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
+
+
+def resolve_device(requested: str) -> str:
+    """The torch device to train on: `auto` picks CUDA when torch sees a GPU, else the CPU.
+
+    Asking for `cuda` on a machine or a torch build without one is an error, never a silent
+    fallback to the CPU: a 1b run that quietly lands on the CPU would take weeks.
+    """
+    check_device_name(requested)
+    import torch
+
+    if requested == "cpu":
+        return "cpu"
+    available = torch.cuda.is_available()
+    if requested == "auto":
+        return "cuda" if available else "cpu"
+    if not available:
+        why = (
+            f"this torch ({torch.__version__}) was built without CUDA"
+            if torch.version.cuda is None
+            else f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU: "
+            "check the driver and CUDA_VISIBLE_DEVICES"
+        )
+        raise TrainingError(f"device {requested!r} requested but {why}; use --device cpu or auto")
+    index = int(requested.removeprefix("cuda:")) if ":" in requested else 0
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise TrainingError(f"device {requested!r} requested but torch sees {count} GPU(s)")
+    return requested
+
+
+def resolve_precision(preset: ModelPreset, device: str, requested: str = "auto") -> str:
+    """fp32 on the CPU unless asked; on CUDA the preset's dtype decides (bfloat16 -> bf16-mixed)."""
+    if requested not in PRECISIONS:
+        raise TrainingError(f"unknown precision {requested!r}: use one of {', '.join(PRECISIONS)}")
+    if requested != "auto":
+        return requested
+    if device.startswith("cuda") and preset.dtype == "bfloat16":
+        return "bf16-mixed"
+    return "fp32"
+
+
+def build_model(
+    preset: ModelPreset, vocab_size: int, eos_token_id: int, device: str = "cpu", precision: str = "fp32"
+) -> LlamaForCausalLM:
+    """The preset's Llama, initialised on `device` itself (no CPU copy of a 1b model to build
+    and move), with bfloat16 weights for the `bf16` precision. On the CPU it is built exactly
+    as before, so a seed gives the same weights."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    config = llama_config(preset, vocab_size, eos_token_id)
+    if device == "cpu":
+        model = LlamaForCausalLM(config)
+    else:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    if precision == "bf16":
+        model = model.bfloat16()
+    model.train()
+    return model
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: str) -> torch.optim.Optimizer:
+    """AdamW (0.9, 0.95) as in the nanotron config; the fused CUDA kernel on a GPU."""
+    import torch
+
+    fused = {"fused": True} if device.startswith("cuda") else {}
+    return torch.optim.AdamW(
+        model.parameters(),
+        lr=config.learning_rate,
+        betas=(0.9, 0.95),
+        weight_decay=config.weight_decay,
+        **fused,
+    )
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_at(step, config) / config.learning_rate
+    )
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    window: torch.Tensor,
+    precision: str = "fp32",
+    grad_clip: float = 1.0,
+) -> tuple[torch.Tensor, float]:
+    """One optimizer step on a batch of windows (`seq_len + 1` tokens, already on the device).
+
+    Returns the loss as a tensor (reading it synchronises a GPU, so the caller decides when)
+    and the learning rate the step used. Cross-entropy is computed in float32 whatever the
+    precision; on fp32 the `.float()` is a no-op, so the CPU path is unchanged.
+    """
+    import torch
+    from torch.nn import functional
+
+    inputs, labels = window[:, :-1], window[:, 1:]
+    with torch.autocast(window.device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        logits = model(input_ids=inputs, use_cache=False).logits
+    loss = functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    learning_rate = float(schedule.get_last_lr()[0])
+    optimizer.step()
+    schedule.step()
+    return loss.detach(), learning_rate
 
 
 def save_tokenizer(name_or_path: str, eos_token: str, target: Path) -> None:
@@ -162,15 +305,15 @@ def plot_losses(losses: list[float], path: Path, title: str) -> None:
 def train(tokens: str, output: str | Path, config: TrainConfig) -> TrainResult:
     """Train `config.preset` on the token folder for `config.steps` steps and save everything."""
     preset = check_config(config)
+    device = resolve_device(config.device)
+    precision = resolve_precision(preset, device, config.precision)
     metrics = read_metrics(tokens)
     tokenizer = metrics["tokenizer"]
     vocab_size = int(tokenizer["vocab_size"])
 
     import torch
     from datatrove.utils.dataset import DatatroveFolderDataset
-    from torch.nn import functional
     from torch.utils.data import DataLoader, RandomSampler
-    from transformers import LlamaForCausalLM
 
     windows = DatatroveFolderDataset(
         tokens if "://" in tokens else os.path.abspath(tokens),
@@ -188,15 +331,10 @@ def train(tokens: str, output: str | Path, config: TrainConfig) -> TrainResult:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.threads or (1 if preset.name == "tiny" else os.cpu_count() or 1))
     torch.manual_seed(config.seed)
-    model = LlamaForCausalLM(llama_config(preset, vocab_size, int(tokenizer["eos_token_id"])))
-    model.train()
+    model = build_model(preset, vocab_size, int(tokenizer["eos_token_id"]), device, precision)
     parameters = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=config.weight_decay
-    )
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate_at(step, config) / config.learning_rate
-    )
+    optimizer = make_optimizer(model, config, device)
+    schedule = make_schedule(optimizer, config)
     generator = torch.Generator().manual_seed(config.seed)
 
     def batches() -> Any:
@@ -210,19 +348,11 @@ def train(tokens: str, output: str | Path, config: TrainConfig) -> TrainResult:
     seen = 0
     stream = batches()
     for step in range(config.steps):
-        window = next(stream)["input_ids"].long()
-        inputs, labels = window[:, :-1], window[:, 1:]
-        logits = model(input_ids=inputs).logits
-        loss = functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        learning_rate = schedule.get_last_lr()[0]
-        optimizer.step()
-        schedule.step()
-        seen += labels.numel()
+        window = next(stream)["input_ids"].long().to(device, non_blocking=True)
+        loss, learning_rate = train_step(model, optimizer, schedule, window, precision, config.grad_clip)
+        seen += window.shape[0] * (window.shape[1] - 1)
+        losses.append(float(loss.item()))  # synchronises a GPU, so elapsed includes the step
         elapsed = time.perf_counter() - started
-        losses.append(float(loss.item()))
         rows.append(
             {
                 "step": step + 1,
@@ -253,6 +383,8 @@ def train(tokens: str, output: str | Path, config: TrainConfig) -> TrainResult:
         tokens=seen,
         seconds=seconds,
         losses=losses,
+        device=device,
+        precision=precision,
     )
     summary = {k: v for k, v in asdict(result).items() if k != "losses"}
     summary |= {"first_loss": result.first_loss, "final_loss": result.final_loss, "config": asdict(config)}
