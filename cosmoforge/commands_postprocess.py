@@ -1,10 +1,13 @@
-"""`cosmo decontaminate`, `cosmo dedup` and `cosmo decontaminator`: post-processing from the shell.
+"""Post-processing from the shell: `cosmo decontaminate`, `cosmo dedup`, `cosmo decontaminator`,
+`cosmo decontaminate-submit` and `cosmo decontaminate-worker`.
 
 The first two read a parquet/jsonl file or folder (local or any fsspec URI), write what they
 keep and what they remove side by side under `--out`, and account for every row: nothing is
 dropped without a row in `removed.parquet` saying why. The third serves the same check over
-gRPC to documents as they are generated. A problem with the input or the settings is a
-one-line message and exit code 2, never a traceback.
+gRPC to documents as they are generated. The last two run a run's decontamination stage as
+tasks on NATS JetStream for worker processes (`cosmoforge.decontam_worker`), with the same
+outputs. A problem with the input or the settings is a one-line message and exit code 2, never
+a traceback.
 """
 
 from __future__ import annotations
@@ -79,8 +82,82 @@ def register(subparsers: Any) -> None:
     service.add_argument(
         "--min-block-chars", type=int, default=5, help="count matching blocks longer than this (default: 5)"
     )
+    service.add_argument("--workers", type=int, default=None, help="checking processes (default: every core)")
     service.add_argument("--log-format", choices=("text", "json"), default="text")
     service.set_defaults(func=run_decontaminator)
+
+    submit = subparsers.add_parser(
+        "decontaminate-submit",
+        help="queue a run's decontamination as tasks for decontaminate-worker processes",
+        description="Cut the run's decontamination input (dedup/kept.parquet, or dataset/) into row "
+        "ranges, one NATS JetStream task each, with the settings of the run's "
+        "spec.postprocess.decontaminate; the workers write <run>/decontam/ as `cosmo decontaminate` "
+        "does. Submitting again resumes: finished and queued ranges are not queued again.",
+    )
+    submit.add_argument("--out", required=True, help="the run's output URI (parent of the run folder)")
+    submit.add_argument("--run", required=True, help="run name; the spec is read from <out>/<run>/spec.yaml")
+    submit.add_argument(
+        "--nats", help="NATS URL (JetStream enabled); with --spawn, default: an embedded server"
+    )
+    submit.add_argument("--input", help="decontaminate this instead (default: what the previous stage kept)")
+    submit.add_argument("--text-field", default="text", help="column holding the text (default: text)")
+    submit.add_argument(
+        "--group-field",
+        default=None,
+        help=f"column naming each row's seed-data group (default: {DEFAULT_GROUP_FIELD}, if present)",
+    )
+    submit.add_argument(
+        "--rows-per-task", type=int, default=20_000, help="rows per task at most (default: 20000)"
+    )
+    submit.add_argument(
+        "--ack-wait",
+        type=float,
+        default=60.0,
+        help="seconds before a dead worker's task goes to another (default: 60; live workers heartbeat)",
+    )
+    submit.add_argument(
+        "--max-deliver", type=int, default=10, help="deliveries of a task at most (default: 10)"
+    )
+    submit.add_argument(
+        "--replan", action="store_true", help="start over with a new plan even if one for this work exists"
+    )
+    submit.add_argument("--wait", action="store_true", help="wait until the workers have written the outputs")
+    submit.add_argument(
+        "--spawn",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run N worker processes here until done (implies --wait)",
+    )
+    submit.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="with --spawn: checking processes per worker (default: cores / N)",
+    )
+    submit.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
+    submit.set_defaults(func=run_decontaminate_submit)
+
+    worker = subparsers.add_parser(
+        "decontaminate-worker",
+        help="a decontamination worker: JetStream tasks -> checked ranges -> partial outputs",
+        description="Pull a run's decontamination tasks one at a time, check each range on every core "
+        "with the benchmark index built once, write its partial outputs, then ack; the worker that "
+        "completes a plan queues the merge, which any worker performs. Stops on SIGTERM/SIGINT after "
+        "the task in hand.",
+    )
+    worker.add_argument("--nats", required=True, help="NATS URL")
+    worker.add_argument("--run", required=True, help="run name (names the task stream)")
+    worker.add_argument(
+        "--out", help="the run's output URI: build the index from <out>/<run>/spec.yaml before the first task"
+    )
+    worker.add_argument("--workers", type=int, default=None, help="checking processes (default: every core)")
+    worker.add_argument("--worker-id")
+    worker.add_argument(
+        "--idle-exit", type=float, default=0.0, help="exit after this many seconds without a task (0: never)"
+    )
+    worker.add_argument("--log-format", choices=("text", "json"), default="text")
+    worker.set_defaults(func=run_decontaminate_worker)
 
     dedup = subparsers.add_parser(
         "dedup",
@@ -117,14 +194,7 @@ def run_decontaminate(args: argparse.Namespace) -> int:
         )
     except (decontam.DecontamError, OSError) as error:
         return _fail("decontaminate", error)
-    per_benchmark = ", ".join(
-        f"{name} {entry['removed']} ({entry['unique_items']})" for name, entry in report["benchmarks"].items()
-    )
-    print(
-        f"{report['documents']} documents: kept {report['documents_kept']}, "
-        f"removed {report['documents_removed']} "
-        f"[{per_benchmark}]; {report['near_miss_count']} near-misses; wrote {args.out}"
-    )
+    print(_summary_line(report, args.out))
     return 0
 
 
@@ -136,10 +206,102 @@ def run_decontaminator(args: argparse.Namespace) -> int:
     logs.configure(args.log_format)
     try:
         config = decontam.Config(args.ngram, args.threshold, args.min_block_chars)
+        _check_workers(args.workers)
         index = decontam_service.build_index(args.benchmark, config)
-        asyncio.run(decontam_service.serve(index, args.port, args.host))
+        asyncio.run(decontam_service.serve(index, args.port, args.host, workers=args.workers))
     except (decontam.DecontamError, OSError) as error:  # a bad benchmark, setting or port
         return _fail("decontaminator", error)
+    return 0
+
+
+def _check_workers(workers: int | None, flag: str = "--workers") -> None:
+    from cosmoforge.decontam import DecontamError
+
+    if workers is not None and workers < 1:
+        raise DecontamError(f"{flag} must be at least 1, got {workers}")
+
+
+def _summary_line(report: dict[str, Any], out: str) -> str:
+    per_benchmark = ", ".join(
+        f"{name} {entry['removed']} ({entry['unique_items']})" for name, entry in report["benchmarks"].items()
+    )
+    return (
+        f"{report['documents']} documents: kept {report['documents_kept']}, "
+        f"removed {report['documents_removed']} "
+        f"[{per_benchmark}]; {report['near_miss_count']} near-misses; wrote {out}"
+    )
+
+
+def run_decontaminate_submit(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from cosmoforge import decontam, decontam_worker
+
+    try:
+        _check_workers(args.workers)
+        if args.spawn < 0:
+            raise decontam.DecontamError(f"--spawn must be at least 0, got {args.spawn}")
+        if not args.spawn and not args.nats:
+            raise decontam.DecontamError("--nats is needed unless --spawn starts workers here")
+        plan = decontam_worker.store_plan(
+            decontam_worker.plan_for_run(
+                args.out, args.run, args.input, args.text_field, args.group_field, args.rows_per_task
+            ),
+            replace=args.replan,
+        )
+        if decontam_worker.is_done(plan):
+            print(f"already decontaminated: {plan.out}")
+            return 0
+        if args.spawn:
+            print(f"{len(plan.tasks)} tasks over {plan.documents} documents; {args.spawn} local workers")
+            report = decontam_worker.run_local(
+                plan,
+                args.run,
+                args.spawn,
+                args.nats,
+                args.workers,
+                args.timeout,
+                args.ack_wait,
+                args.max_deliver,
+            )
+            print(_summary_line(report, plan.out))
+            return 0
+        submitted = asyncio.run(
+            decontam_worker.submit(args.nats, args.run, plan, args.ack_wait, args.max_deliver)
+        )
+        plan = submitted.plan
+        print(
+            f"plan {plan.nonce}: {len(plan.tasks)} tasks over {plan.documents} documents; "
+            f"{submitted.published} queued now, {submitted.queued} already queued, "
+            f"{submitted.finished} already done"
+        )
+        if args.wait:
+            report = decontam_worker.wait_done(plan, args.timeout)
+            print(_summary_line(report, plan.out))
+    except (decontam.DecontamError, OSError, TimeoutError) as error:
+        return _fail("decontaminate-submit", error)
+    return 0
+
+
+def run_decontaminate_worker(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from cosmoforge import decontam, decontam_worker, logs
+
+    logs.configure(args.log_format)
+    try:
+        _check_workers(args.workers)
+        settings = None
+        if args.out:
+            settings = decontam_worker.settings_of(decontam_worker.read_spec(args.out, args.run))
+        config = decontam_worker.WorkerConfig(
+            args.nats, args.run, processes=args.workers, idle_exit=args.idle_exit
+        )
+        if args.worker_id:
+            config.worker_id = args.worker_id
+        asyncio.run(decontam_worker.run_worker(config, settings))
+    except (decontam.DecontamError, OSError) as error:
+        return _fail("decontaminate-worker", error)
     return 0
 
 

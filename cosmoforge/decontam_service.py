@@ -8,6 +8,11 @@ every call reads the same one. The servicer only translates: documents go throug
 text, and `Report` keeps the CLI's report (`decontam.build_report`) up to date incrementally,
 in memory bounded by the index rather than by the documents seen.
 
+Verification runs on every core: `serve()` starts a `decontam.Checker` (processes forked once,
+before the server exists, each inheriting the index) and the servicer hands each batch to it.
+A stream keeps several batches in flight, so one fast client keeps every process busy, and
+yields their verdicts in the order the documents came.
+
 `create_server()` builds a server without starting anything (tests, embedding); `serve()` runs
 one until SIGTERM/SIGINT, turns health NOT_SERVING and stops gracefully. `DecontaminatorClient`
 takes and returns plain data, so callers never touch protobuf.
@@ -19,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -189,23 +195,53 @@ def verdict_dict(message: pb.Verdict) -> dict[str, Any]:
 
 
 class DecontaminatorServicer(pb_grpc.DecontaminatorServicer):
-    """Checks documents in batches of whatever has arrived, so a client may wait for each verdict."""
+    """Checks documents in batches of whatever has arrived, so a client may wait for each verdict.
 
-    def __init__(self, index: decontam.Index, batch_size: int = decontam.BATCH_SIZE) -> None:
+    With a `checker` holding processes, a stream has up to `checker.workers + 1` batches in
+    flight: while the oldest is checked, the next ones already are, and verdicts still leave in
+    document order. Without one, batches are checked in a thread of this process.
+    """
+
+    def __init__(
+        self,
+        index: decontam.Index,
+        batch_size: int = decontam.BATCH_SIZE,
+        checker: decontam.Checker | None = None,
+    ) -> None:
         self.index = index
         self.batch_size = batch_size
+        self.checker = checker
+        self.depth = checker.workers + 1 if checker is not None and checker.workers > 1 else 1
         self.report = RunningReport(index)
+
+    def _check(self, texts: list[str]) -> list[decontam.Verdict]:
+        if self.checker is None:
+            return decontam.check_batch(texts, self.index)
+        return list(self.checker.check_all(texts))
 
     async def Check(
         self, request_iterator: AsyncIterator[pb.Document], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Verdict]:
         pending: asyncio.Queue[pb.Document | None] = asyncio.Queue(maxsize=4 * self.batch_size)
         reader = asyncio.create_task(_read_into(request_iterator, pending))
+        in_flight: deque[tuple[list[pb.Document], asyncio.Future[list[decontam.Verdict]]]] = deque()
+        loop = asyncio.get_running_loop()
+        ended = False
         try:
-            while batch := await self._next_batch(pending):
-                texts = [document.text for document in batch]
+            while True:
+                # Start batches while there is room: wait for documents only with nothing in flight.
+                while not ended and len(in_flight) < self.depth and (not in_flight or not pending.empty()):
+                    batch = await self._next_batch(pending)
+                    if not batch:
+                        ended = True
+                        break
+                    texts = [document.text for document in batch]
+                    in_flight.append((batch, loop.run_in_executor(None, self._check, texts)))
+                if not in_flight:
+                    break
+                batch, future = in_flight.popleft()
                 try:
-                    verdicts = await asyncio.to_thread(decontam.check_batch, texts, self.index)
+                    verdicts = await future
                 except Exception as error:  # a bug, not a bad request: keep the traceback
                     log.error("check failed", exc_info=error)
                     await context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
@@ -215,6 +251,8 @@ class DecontaminatorServicer(pb_grpc.DecontaminatorServicer):
             await reader  # surfaces a failed request stream
         finally:
             reader.cancel()
+            for _, future in in_flight:
+                future.cancel()
 
     async def _next_batch(self, pending: asyncio.Queue[pb.Document | None]) -> list[pb.Document]:
         """At least one document (waiting for it), then whatever else is already queued."""
@@ -259,29 +297,48 @@ def build_index(benchmarks: list[str], config: decontam.Config) -> decontam.Inde
 
 
 def create_server(
-    index: decontam.Index, port: int = 0, host: str = "0.0.0.0"
+    index: decontam.Index,
+    port: int = 0,
+    host: str = "0.0.0.0",
+    checker: decontam.Checker | None = None,
+    batch_size: int = decontam.BATCH_SIZE,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
-    """A server with the Decontaminator and health services bound to host:port (0: a free port)."""
+    """A server with the Decontaminator and health services bound to host:port (0: a free port).
+
+    `checker` (the caller's, started before this call and closed after the server stops) spreads
+    verification over its processes; without one, batches are checked in threads of this process.
+    """
     server = grpc.aio.server(options=_CHANNEL_OPTIONS)
-    pb_grpc.add_DecontaminatorServicer_to_server(DecontaminatorServicer(index), server)
+    servicer = DecontaminatorServicer(index, batch_size, checker)
+    pb_grpc.add_DecontaminatorServicer_to_server(servicer, server)
     health_servicer, bound = grpcbase.bind(server, host, port)
     return server, health_servicer, bound
 
 
-async def serve(index: decontam.Index, port: int, host: str = "0.0.0.0") -> None:
-    """Serve until SIGTERM or SIGINT."""
-    server, health_servicer, bound = create_server(index, port, host)
+async def serve(index: decontam.Index, port: int, host: str = "0.0.0.0", workers: int | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, verifying on `workers` processes (default: every core)."""
+    # The processes fork before gRPC starts any thread, and inherit the index.
+    checker = decontam.Checker(index, workers)
+    try:
+        await _serve(index, port, host, checker)
+    finally:
+        checker.close()
+
+
+async def _serve(index: decontam.Index, port: int, host: str, checker: decontam.Checker) -> None:
+    server, health_servicer, bound = create_server(index, port, host, checker)
     stop = grpcbase.stop_on_signals()
     try:
         await server.start()
         await grpcbase.serving(health_servicer, SERVICE)
         sizes = index.items_per_benchmark()
         log.info(
-            "decontaminator listening on %s:%d with %d items (%s)",
+            "decontaminator listening on %s:%d with %d items (%s), %d checking process(es)",
             host,
             bound,
             len(index.items),
             ", ".join(f"{name} {count}" for name, count in sorted(sizes.items())),
+            checker.workers,
             extra={"port": bound},
         )
         await stop.wait()
@@ -290,10 +347,16 @@ async def serve(index: decontam.Index, port: int, host: str = "0.0.0.0") -> None
         log.info("decontaminator stopped")
 
 
-def main(benchmarks: list[str], config: decontam.Config, port: int, host: str = "0.0.0.0") -> int:
+def main(
+    benchmarks: list[str],
+    config: decontam.Config,
+    port: int,
+    host: str = "0.0.0.0",
+    workers: int | None = None,
+) -> int:
     """Build the index (errors surface before anything listens), then serve it."""
     index = build_index(benchmarks, config)
-    asyncio.run(serve(index, port, host))
+    asyncio.run(serve(index, port, host, workers))
     return 0
 
 

@@ -27,17 +27,58 @@ DECONTAM_COLUMNS = (
 DEDUP_COLUMNS = ("dedup_reason", "dedup_cluster", "dedup_kept_row")
 DEFAULT_GROUP_FIELD = "seed_source"
 KEPT = "kept.parquet"
+REMOVED = "removed.parquet"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+
+
+def group_column(columns: list[str], field: str | None) -> str | None:
+    """The column naming each row's seed-data group: `field`, else `seed_source` when present."""
+    name = field or (DEFAULT_GROUP_FIELD if DEFAULT_GROUP_FIELD in columns else None)
+    if name is not None and name not in columns:
+        raise evalsets.InputError(
+            f"input has no column {name!r} for --group-field (columns: {', '.join(columns)})"
+        )
+    return name
+
+
+def groups_of(table: Any, column: str | None) -> list[str | None] | None:
+    """Each row's group (None for a null), or None when there is no group column at all."""
+    if column is None:
+        return None
+    if column not in table.column_names:  # a file of a folder without the column: all null
+        return [None] * table.num_rows
+    return [None if value is None else str(value) for value in table.column(column).to_pylist()]
 
 
 def _groups(table: Any, field: str | None) -> list[str | None] | None:
-    name = field or (DEFAULT_GROUP_FIELD if DEFAULT_GROUP_FIELD in table.column_names else None)
-    if name is None:
-        return None
-    if name not in table.column_names:
+    return groups_of(table, group_column(table.column_names, field))
+
+
+def check_not_decontaminated(columns: list[str]) -> None:
+    clash = [c for c in DECONTAM_COLUMNS if c in columns]
+    if clash:
         raise evalsets.InputError(
-            f"input has no column {name!r} for --group-field (columns: {', '.join(table.column_names)})"
+            f"input already has column(s) {', '.join(clash)}; was it decontaminated before?"
         )
-    return [None if value is None else str(value) for value in table.column(name).to_pylist()]
+
+
+def split_by_verdict(table: Any, verdicts: list[decontam.Verdict]) -> tuple[Any, Any]:
+    """(kept rows unchanged, removed rows with the decontam_* columns of their best match)."""
+    removed_rows = [row for row, verdict in enumerate(verdicts) if verdict.contaminated]
+    best = [verdicts[row].matches[0] for row in removed_rows]
+    removed = table.take(pa.array(removed_rows, type=pa.int64()))
+    extra = {
+        "decontam_benchmark": pa.array([m.benchmark for m in best], type=pa.string()),
+        "decontam_item_index": pa.array([m.item_index for m in best], type=pa.int64()),
+        "decontam_item_text": pa.array([m.item_text for m in best], type=pa.string()),
+        "decontam_ngram": pa.array([m.ngram for m in best], type=pa.string()),
+        "decontam_ratio": pa.array([m.ratio for m in best], type=pa.float64()),
+    }
+    for name, column in extra.items():
+        removed = removed.append_column(name, column)
+    kept_rows = [row for row, verdict in enumerate(verdicts) if not verdict.contaminated]
+    return table.take(pa.array(kept_rows, type=pa.int64())), removed
 
 
 def _write_outputs(out: str, files: dict[str, bytes]) -> None:
@@ -68,39 +109,28 @@ def decontaminate_dataset(
     table = evalsets.read_table(input_uri)
     texts = evalsets.text_column(table, text_field)
     groups = _groups(table, group_field)
-    clash = [c for c in DECONTAM_COLUMNS if c in table.column_names]
-    if clash:
-        raise evalsets.InputError(
-            f"input already has column(s) {', '.join(clash)}; was it decontaminated before?"
-        )
+    check_not_decontaminated(table.column_names)
     index = decontam.build_index(evalsets.load_benchmarks(benchmarks), config)
     verdicts = list(decontam.check_all(texts, index, workers=workers))
     report = decontam.build_report(
         verdicts, index, groups, empty_documents=sum(1 for text in texts if not text.strip())
     )
-    removed_rows = [row for row, verdict in enumerate(verdicts) if verdict.contaminated]
-    best = [verdicts[row].matches[0] for row in removed_rows]
-    removed = table.take(pa.array(removed_rows, type=pa.int64()))
-    extra = {
-        "decontam_benchmark": pa.array([m.benchmark for m in best], type=pa.string()),
-        "decontam_item_index": pa.array([m.item_index for m in best], type=pa.int64()),
-        "decontam_item_text": pa.array([m.item_text for m in best], type=pa.string()),
-        "decontam_ngram": pa.array([m.ngram for m in best], type=pa.string()),
-        "decontam_ratio": pa.array([m.ratio for m in best], type=pa.float64()),
-    }
-    for name, column in extra.items():
-        removed = removed.append_column(name, column)
-    kept_rows = [row for row, verdict in enumerate(verdicts) if not verdict.contaminated]
+    kept, removed = split_by_verdict(table, verdicts)
     _write_outputs(
         out,
         {
-            "kept.parquet": _parquet(table.take(pa.array(kept_rows, type=pa.int64()))),
-            "removed.parquet": _parquet(removed),
-            "report.json": json.dumps(report, indent=2).encode("utf-8"),
-            "report.md": decontam.report_markdown(report).encode("utf-8"),
+            KEPT: _parquet(kept),
+            REMOVED: _parquet(removed),
+            REPORT_JSON: report_json(report),
+            REPORT_MD: decontam.report_markdown(report).encode("utf-8"),
         },
     )
     return report
+
+
+def report_json(report: dict[str, Any]) -> bytes:
+    """report.json's bytes: the same for one process and for merged batch-worker partials."""
+    return json.dumps(report, indent=2).encode("utf-8")
 
 
 def dedup_dataset(

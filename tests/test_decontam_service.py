@@ -207,3 +207,28 @@ async def test_a_document_over_grpcs_default_4_mib_limit_is_checked(index: decon
         verdicts = [v async for v in client.check([{"id": "big", "text": text}])]
     assert verdicts == [expected_verdict("big", decontam.check(text, index))]
     assert verdicts[0]["contaminated"]
+
+
+async def test_the_pooled_service_keeps_check_alls_verdicts_and_their_order(index: decontam.Index) -> None:
+    # Small batches, several in flight at once on two processes: order must still hold.
+    docs = [{**doc, "id": f"{doc['id']}-{copy}"} for copy in range(30) for doc in corpus(index)]
+    expected = list(decontam.check_all([doc["text"] for doc in docs], index, workers=1))
+    with decontam.Checker(index, workers=2, batch_size=8) as checker:
+        server, _, port = decontam_service.create_server(index, 0, "127.0.0.1", checker=checker, batch_size=8)
+        await server.start()
+        try:
+            async with DecontaminatorClient(f"127.0.0.1:{port}") as client:
+                await client.wait_ready(10)
+                first, second = await asyncio.gather(
+                    collect(client, docs), collect(client, list(reversed(docs)))
+                )
+                report = await client.report()
+        finally:
+            await server.stop(None)
+    assert first == [expected_verdict(d["id"], v) for d, v in zip(docs, expected, strict=True)]
+    assert second == list(reversed(first))
+    assert report["documents"] == 2 * len(docs) and report["documents_removed"] == 2 * 30 * 6
+
+
+async def collect(client: DecontaminatorClient, docs: list[dict[str, str]]) -> list[dict[str, Any]]:
+    return [verdict async for verdict in client.check(docs)]

@@ -1,0 +1,1150 @@
+"""Decontamination as workers of a run: slices of the dataset as NATS tasks, partial reports merged.
+
+`cosmo decontaminate` checks a whole dataset in one process, on the cores of one machine. A
+run's decontamination stage can instead be spread over worker processes on any number of
+machines, the way generation is:
+
+- **plan** (`make_plan`): the stage's input (the run's `dataset/` shards, or `dedup/kept.parquet`
+  when dedup ran first) is cut into row ranges of at most `rows_per_task` rows, in the row
+  order `cosmo decontaminate` reads them. The plan is stored beside the outputs; submitting the
+  same work again reuses it (and its `nonce`), so a resubmission resumes instead of starting
+  over.
+- **tasks** (`submit`): one message per range on a JetStream work-queue stream of the run
+  (`COSMO_<RUN>_DECONTAM`), except ranges already done or already queued.
+- **workers** (`Worker`, `cosmo decontaminate-worker`): pull one task at a time, build the
+  benchmark index once per process (from the plan, i.e. the spec's `postprocess.decontaminate`)
+  and check the range with `decontam.Checker`, whose forked processes inherit that one index;
+  then write the range's kept rows, removed rows and a partial report, each file atomically,
+  the partial last, and only then ack. Long ranges send in-progress heartbeats; a worker that
+  dies leaves its task unacked, and JetStream hands it to another after `ack_wait`. Outputs
+  are named by plan and task, so a redelivered task rewrites the same files: never a
+  duplicate row.
+- **finalize**: the worker whose partial completes the plan publishes one finalize message
+  (deduplicated by its message id if several notice at once); whichever worker takes it merges
+  the partials into `kept.parquet`, `removed.parquet`, `report.json` and `report.md`, exactly
+  what `cosmo decontaminate` writes for the same input, then marks the plan done and deletes
+  the partials. Finalizing is itself a task: if its worker dies, it is redelivered.
+
+The partial report of a range keeps what the final report needs and nothing per document that
+was clean: per benchmark, the removed documents and the item ids they correspond to (overall
+and per seed-data group), the near-misses (the best `NEAR_MISS_LIMIT` of the range, with their
+exact ratios so the merge orders them as one process would), and counts. Merged, they give
+`decontam.build_report` over the whole input (tested byte for byte against one process).
+
+Layout under the stage's output folder (`<run>/decontam/`):
+
+    kept.parquet, removed.parquet, report.json, report.md   the outputs, as one process writes them
+    tasks/plan.json                                         the current plan
+    tasks/done.json                                         the nonce of the last finished plan
+    tasks/<nonce>/<task>.{kept.parquet,removed.parquet,summary.json,error.json}   partials
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import nats
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+
+from cosmoforge import decontam, evalsets, queue
+from cosmoforge.postprocess import (
+    KEPT,
+    REMOVED,
+    REPORT_JSON,
+    REPORT_MD,
+    check_not_decontaminated,
+    group_column,
+    groups_of,
+    report_json,
+    split_by_verdict,
+)
+from cosmoforge.storage import RunStore
+
+log = logging.getLogger("cosmoforge.decontam_worker")
+
+CONSUMER = "decontaminators"
+ROWS_PER_TASK = 20_000
+ACK_WAIT = 60.0  # seconds; heartbeats keep a long range alive, so only a dead worker's task waits it out
+MAX_DELIVER = 10
+TASKS = "tasks"
+PLAN = f"{TASKS}/plan.json"
+DONE = f"{TASKS}/done.json"
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# What evalsets.read_table reads from a folder, in the same order.
+INPUT_SUFFIXES = (".parquet", ".jsonl", ".json", ".ndjson", ".arrow", ".gz", ".zst", ".bz2", ".xz")
+
+
+def stream_name(run: str) -> str:
+    return f"{queue.stream_name(run)}_DECONTAM"
+
+
+def tasks_subject(run: str) -> str:
+    return f"cosmo.{run}.decontam"
+
+
+# --- the plan ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the index is built from: the spec's `postprocess.decontaminate`."""
+
+    benchmarks: tuple[str, ...]
+    config: decontam.Config = field(default_factory=decontam.Config)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "benchmarks": list(self.benchmarks),
+            "ngram": self.config.ngram,
+            "threshold": self.config.threshold,
+            "min_block_chars": self.config.min_block_chars,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Settings:
+        config = decontam.Config(data["ngram"], data["threshold"], data["min_block_chars"])
+        return cls(tuple(data["benchmarks"]), config)
+
+
+@dataclass(frozen=True)
+class Task:
+    """Rows [start, stop) of one input file, in the order `cosmo decontaminate` reads them."""
+
+    id: str
+    uri: str
+    start: int
+    stop: int
+    format: str = "parquet"  # "parquet": read only the row groups needed; "table": evalsets.read_table
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "uri": self.uri, "start": self.start, "stop": self.stop, "format": self.format}
+
+
+@dataclass(frozen=True)
+class Plan:
+    nonce: str
+    input: str
+    out: str
+    settings: Settings
+    text_field: str
+    group_column: str | None
+    rows_per_task: int
+    sources: tuple[tuple[str, int, str], ...]  # (uri, rows, fingerprint) of every input file
+    tasks: tuple[Task, ...]
+
+    @property
+    def documents(self) -> int:
+        return sum(rows for _, rows, _ in self.sources)
+
+    def task(self, task_id: str) -> Task:
+        for task in self.tasks:
+            if task.id == task_id:
+                return task
+        raise KeyError(task_id)
+
+    def same_work(self, other: Plan) -> bool:
+        """Same input files, settings and output: the outputs of one are those of the other.
+
+        How the rows are cut into tasks does not change the outputs, so it is not compared: a
+        plan in progress is resumed with its own cut.
+        """
+        cut = {"nonce": "", "rows_per_task": 0, "tasks": []}
+        return self.as_dict() | cut == other.as_dict() | cut
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "nonce": self.nonce,
+            "input": self.input,
+            "out": self.out,
+            "settings": self.settings.as_dict(),
+            "text_field": self.text_field,
+            "group_column": self.group_column,
+            "rows_per_task": self.rows_per_task,
+            "sources": [list(source) for source in self.sources],
+            "tasks": [task.as_dict() for task in self.tasks],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        return cls(
+            nonce=data["nonce"],
+            input=data["input"],
+            out=data["out"],
+            settings=Settings.from_dict(data["settings"]),
+            text_field=data["text_field"],
+            group_column=data["group_column"],
+            rows_per_task=data["rows_per_task"],
+            sources=tuple((uri, rows, fingerprint) for uri, rows, fingerprint in data["sources"]),
+            tasks=tuple(Task(**task) for task in data["tasks"]),
+        )
+
+
+def out_store(out: str) -> RunStore:
+    """The stage's output folder as a RunStore (atomic writes on local disks, one PUT elsewhere)."""
+    out = out if "://" in out else os.path.abspath(out)
+    fs, root = url_to_fs(out)
+    return RunStore(fs, root.rstrip("/"), out.rstrip("/"))
+
+
+def part(nonce: str, task_id: str, kind: str) -> str:
+    return f"{TASKS}/{nonce}/{task_id}.{kind}"
+
+
+def _input_files(input_uri: str) -> tuple[Any, list[tuple[str, str, str]]]:
+    """(fs, [(uri, path, format)]) of an input's files, in `evalsets.read_table`'s order."""
+    try:
+        fs, path = url_to_fs(input_uri)
+    except (ValueError, ImportError) as error:
+        raise evalsets.InputError(f"{input_uri}: cannot open: {error}") from None
+    if not fs.exists(path):
+        raise evalsets.InputError(f"{input_uri}: no such file or folder")
+    if not fs.isdir(path):
+        return fs, [(input_uri, path, _format_of(path))]
+    root = path.rstrip("/")
+    if fs.exists(f"{root}/state.json") and fs.exists(f"{root}/dataset_info.json"):
+        return fs, [(input_uri, path, "table")]  # a datasets.save_to_disk folder: one table
+    files = sorted(p for p in fs.find(path) if p.lower().endswith(INPUT_SUFFIXES) and "/." not in p)
+    if not files:
+        raise evalsets.InputError(f"{input_uri}: folder holds no .parquet, .jsonl, .json or .arrow files")
+    return fs, [(fs.unstrip_protocol(file), file, _format_of(file)) for file in files]
+
+
+def _format_of(path: str) -> str:
+    return "parquet" if path.lower().endswith(".parquet") else "table"
+
+
+def _fingerprint(fs: Any, path: str) -> str:
+    with contextlib.suppress(Exception):
+        return str(fs.checksum(path))  # size and modification time (local), ETag (object stores)
+    return ""
+
+
+def make_plan(
+    input_uri: str,
+    out: str,
+    settings: Settings,
+    text_field: str = "text",
+    group_field: str | None = None,
+    rows_per_task: int = ROWS_PER_TASK,
+) -> Plan:
+    """Cut the input into tasks; checks the columns as `cosmo decontaminate` does (InputError)."""
+    if rows_per_task < 1:
+        raise decontam.DecontamError(f"rows per task must be at least 1, got {rows_per_task}")
+    if not settings.benchmarks:
+        raise evalsets.BenchmarkError("at least one benchmark is needed")
+    input_uri = input_uri if "://" in input_uri else os.path.abspath(input_uri)  # workers run elsewhere
+    fs, files = _input_files(input_uri)
+    columns: list[str] = []
+    sources: list[tuple[str, int, str]] = []
+    tasks: list[Task] = []
+    for uri, path, kind in files:
+        try:
+            if kind == "parquet":
+                with fs.open(path, "rb") as handle:
+                    meta = pq.ParquetFile(handle)
+                    rows, names = meta.metadata.num_rows, meta.schema_arrow.names
+            else:
+                table = evalsets.read_table(uri)
+                rows, names = table.num_rows, table.column_names
+        except (OSError, pa.ArrowException) as error:
+            raise evalsets.InputError(f"{uri}: cannot read: {error}") from None
+        columns += [name for name in names if name not in columns]
+        sources.append((uri, rows, _fingerprint(fs, path)))
+        # An empty file still gets a task: its schema belongs in the outputs, as in one process.
+        for start in range(0, max(rows, 1), rows_per_task):
+            tasks.append(Task(f"t{len(tasks):06d}", uri, start, min(start + rows_per_task, rows), kind))
+    if text_field not in columns:
+        raise evalsets.InputError(
+            f"input has no column {text_field!r} (columns: {', '.join(columns)}); "
+            "choose one with --text-field"
+        )
+    check_not_decontaminated(columns)
+    return Plan(
+        nonce=uuid.uuid4().hex[:12],
+        input=input_uri,
+        out=out_store(out).uri,
+        settings=settings,
+        text_field=text_field,
+        group_column=group_column(columns, group_field),
+        rows_per_task=rows_per_task,
+        sources=tuple(sources),
+        tasks=tuple(tasks),
+    )
+
+
+def read_spec(output: str, run: str) -> Any:
+    """The run's GenerationRun from `<output>/<run>/spec.yaml` (DecontamError when unusable)."""
+    from cosmoforge.spec import SpecError, parse_run, single_document
+
+    store = RunStore.open(output, run)
+    text = store.read_text("spec.yaml")
+    if text is None:
+        raise decontam.DecontamError(f"no spec.yaml under {store.uri}")
+    source = store.url("spec.yaml")
+    try:
+        return parse_run(single_document(text, source), source)
+    except SpecError as error:
+        raise decontam.DecontamError(str(error).replace("\n", "; ")) from None
+
+
+def settings_of(spec: Any) -> Settings:
+    """The index settings of a run: its `spec.postprocess.decontaminate`."""
+    wanted = spec.spec.postprocess.decontaminate
+    return Settings(
+        tuple(wanted.benchmarks), decontam.Config(wanted.ngram, wanted.threshold, wanted.min_block_chars)
+    )
+
+
+def plan_for_run(
+    output: str,
+    run: str,
+    input_uri: str | None = None,
+    text_field: str = "text",
+    group_field: str | None = None,
+    rows_per_task: int = ROWS_PER_TASK,
+) -> Plan:
+    """The run's decontamination stage as tasks: what `cosmo run` decontaminates, where it writes.
+
+    The input is what the previous stage kept (`dedup/kept.parquet` when dedup is enabled, else
+    the compacted `dataset/`), the output `<run>/decontam/`, the settings the spec's.
+    """
+    spec = read_spec(output, run)
+    postprocess = spec.spec.postprocess
+    if not postprocess.decontaminate.enabled:
+        raise decontam.DecontamError(f"{run}: spec.postprocess.decontaminate.enabled is false")
+    store = RunStore.open(output, run)
+    source = input_uri or (store.url("dedup", KEPT) if postprocess.dedup.enabled else store.url("dataset"))
+    return make_plan(source, store.url("decontam"), settings_of(spec), text_field, group_field, rows_per_task)
+
+
+def load_plan(out: str) -> Plan | None:
+    text = out_store(out).read_text(PLAN)
+    return Plan.from_dict(json.loads(text)) if text is not None else None
+
+
+def store_plan(plan: Plan, replace: bool = False) -> Plan:
+    """The plan to work on: the stored one when it describes the same work, else `plan`.
+
+    `replace` starts over with `plan` (and its cut) even then.
+    """
+    store = out_store(plan.out)
+    current = load_plan(plan.out)
+    if current is not None and current.same_work(plan) and not replace:
+        return current
+    if current is not None:
+        store.remove(f"{TASKS}/{current.nonce}")  # partials of other work; their late writes are ignored
+    store.write_text(PLAN, json.dumps(plan.as_dict(), indent=2))
+    return plan
+
+
+def is_done(plan: Plan) -> bool:
+    text = out_store(plan.out).read_text(DONE)
+    return text is not None and json.loads(text).get("nonce") == plan.nonce
+
+
+def _listed(plan: Plan, suffix: str) -> dict[str, str]:
+    """{task id: path} of the plan's partial files ending in `suffix`, from one listing."""
+    store = out_store(plan.out)
+    folder = store.path(TASKS, plan.nonce)
+    store.fs.invalidate_cache(folder)
+    if not store.fs.exists(folder):
+        return {}
+    found = {}
+    for path in store.fs.ls(folder, detail=False):
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if name.endswith(f".{suffix}"):
+            found[name.removesuffix(f".{suffix}")] = path
+    return found
+
+
+def finished_tasks(plan: Plan) -> set[str]:
+    return set(_listed(plan, "summary.json")) & {task.id for task in plan.tasks}
+
+
+def task_errors(plan: Plan) -> dict[str, str]:
+    store = out_store(plan.out)
+    errors = {}
+    for task_id, path in _listed(plan, "error.json").items():
+        with contextlib.suppress(FileNotFoundError):
+            errors[task_id] = json.loads(store.fs.cat_file(path))["error"]
+    return errors
+
+
+# --- checking one task -------------------------------------------------------------------------
+
+
+def read_task(task: Task) -> pa.Table:
+    """The task's rows; for parquet, only the row groups that hold them are read."""
+    if task.format != "parquet":
+        return evalsets.read_table(task.uri).slice(task.start, task.stop - task.start)
+    fs, path = url_to_fs(task.uri)
+    with fs.open(path, "rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        wanted: list[int] = []
+        first = offset = 0
+        for group in range(parquet.metadata.num_row_groups):
+            rows = parquet.metadata.row_group(group).num_rows
+            if offset < task.stop and offset + rows > task.start:
+                first = offset if not wanted else first
+                wanted.append(group)
+            offset += rows
+        if not wanted:
+            return parquet.schema_arrow.empty_table()
+        table = parquet.read_row_groups(wanted)
+    return table.slice(task.start - first, task.stop - task.start)
+
+
+def _texts(table: pa.Table, text_field: str) -> list[str]:
+    if text_field not in table.column_names:  # a file of a folder without it: null texts
+        return [""] * table.num_rows
+    return evalsets.text_column(table, text_field)
+
+
+def _sort_key(entry: dict[str, Any]) -> tuple[float, str, int, int]:
+    # decontam.build_report's order: highest ratio, then benchmark, item, and row.
+    return (-entry["ratio"], entry["benchmark"], entry["item_index"], entry["row"])
+
+
+def index_facts(index: decontam.Index) -> dict[str, Any]:
+    """What the report says about the index; every partial carries it, so merging needs no index."""
+    sizes = index.items_per_benchmark()
+    return {
+        "config": {
+            "ngram": index.config.ngram,
+            "threshold": index.config.threshold,
+            "min_block_chars": index.config.min_block_chars,
+        },
+        "benchmark_items": len(index.items),
+        "unmatchable_items": len(index.unmatchable),
+        "items": {name: sizes.get(name, 0) for name in index.benchmarks},
+    }
+
+
+def summarize(
+    verdicts: Sequence[decontam.Verdict],
+    texts: Sequence[str],
+    groups: Sequence[str | None] | None,
+    index: decontam.Index,
+) -> dict[str, Any]:
+    """A range's partial report: `decontam.build_report`'s counts, with item ids kept for merging.
+
+    A removed document corresponds to its best match in each benchmark it matches (matches are
+    best first), as in build_report; near-misses are those of kept documents, rows local.
+    """
+    benchmarks: dict[str, dict[str, Any]] = {
+        name: {"removed": 0, "items": set(), "groups": {}} for name in index.benchmarks
+    }
+    names: set[str] = set()
+    near: list[dict[str, Any]] = []
+    for row, verdict in enumerate(verdicts):
+        group = (groups[row] if groups is not None else None) or decontam.NO_GROUP
+        names.add(group)
+        best_of: dict[str, int] = {}
+        for match in verdict.matches:
+            best_of.setdefault(match.benchmark, match.item_id)
+        for benchmark, item_id in best_of.items():
+            tallies = [benchmarks[benchmark]]
+            if groups is not None:
+                per_group = benchmarks[benchmark]["groups"]
+                tallies.append(per_group.setdefault(group, {"removed": 0, "items": set()}))
+            for tally in tallies:
+                tally["removed"] += 1
+                tally["items"].add(item_id)
+        if not verdict.contaminated:
+            near += [
+                {
+                    "row": row,
+                    "benchmark": m.benchmark,
+                    "item_index": m.item_index,
+                    "ratio": m.ratio,  # exact: the merge orders by it; the report rounds it
+                    "ngram": m.ngram,
+                }
+                for m in verdict.near_misses
+            ]
+    near.sort(key=_sort_key)
+    return {
+        "documents": len(verdicts),
+        "removed": sum(1 for v in verdicts if v.contaminated),
+        "empty": sum(1 for text in texts if not text.strip()),
+        "not_scored": sum(v.skipped for v in verdicts),
+        "groups": sorted(names) if groups is not None else None,
+        "benchmarks": {
+            name: {
+                "removed": entry["removed"],
+                "items": sorted(entry["items"]),
+                "groups": {
+                    group: {"removed": tally["removed"], "items": sorted(tally["items"])}
+                    for group, tally in entry["groups"].items()
+                },
+            }
+            for name, entry in benchmarks.items()
+        },
+        "near_miss_count": len(near),
+        "near_misses": near[: decontam.NEAR_MISS_LIMIT],
+        "index": index_facts(index),
+    }
+
+
+def merge_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Partials in row order -> the report `decontam.build_report` gives for the whole input."""
+    if not summaries:
+        raise ValueError("nothing to merge")
+    facts = summaries[0]["index"]
+    if any(summary["index"] != facts for summary in summaries):
+        raise decontam.DecontamError("partials were checked against different benchmark indexes")
+    grouped = any(summary["groups"] is not None for summary in summaries)
+    group_names = sorted({g for s in summaries for g in s["groups"] or ()}) if grouped else []
+    removed: dict[str, int] = dict.fromkeys(facts["items"], 0)
+    items: dict[str, set[int]] = {name: set() for name in facts["items"]}
+    by_group: dict[str, dict[str, tuple[int, set[int]]]] = {name: {} for name in facts["items"]}
+    near: list[dict[str, Any]] = []
+    offset = 0
+    for summary in summaries:
+        for name, entry in summary["benchmarks"].items():
+            removed[name] += entry["removed"]
+            items[name].update(entry["items"])
+            for group, tally in entry["groups"].items():
+                count, ids = by_group[name].get(group, (0, set()))
+                by_group[name][group] = (count + tally["removed"], ids | set(tally["items"]))
+        near += [{**miss, "row": miss["row"] + offset} for miss in summary["near_misses"]]
+        offset += summary["documents"]
+    near.sort(key=_sort_key)
+    documents = sum(s["documents"] for s in summaries)
+    documents_removed = sum(s["removed"] for s in summaries)
+
+    def group_tally(name: str, group: str) -> dict[str, int]:
+        count, ids = by_group[name].get(group, (0, set()))
+        return {"removed": count, "unique_items": len(ids)}
+
+    return {
+        "config": facts["config"],
+        "documents": documents,
+        "documents_kept": documents - documents_removed,
+        "documents_removed": documents_removed,
+        "empty_documents": sum(s["empty"] for s in summaries),
+        "benchmark_items": facts["benchmark_items"],
+        "unmatchable_items": facts["unmatchable_items"],
+        "groups": group_names,
+        "benchmarks": {
+            name: {
+                "items": size,
+                "removed": removed[name],
+                "unique_items": len(items[name]),
+                "groups": {g: group_tally(name, g) for g in group_names},
+            }
+            for name, size in facts["items"].items()
+        },
+        "candidates_not_scored": sum(s["not_scored"] for s in summaries),
+        "near_miss_count": sum(s["near_miss_count"] for s in summaries),
+        "near_misses": [
+            {
+                "row": m["row"],
+                "benchmark": m["benchmark"],
+                "item_index": m["item_index"],
+                "ratio": round(m["ratio"], 4),
+                "ngram": m["ngram"],
+            }
+            for m in near[: decontam.NEAR_MISS_LIMIT]
+        ],
+    }
+
+
+def run_task(plan: Plan, task: Task, checker: decontam.Checker) -> dict[str, Any]:
+    """Check one range and write its partials, the summary last; returns the summary."""
+    store = out_store(plan.out)
+    table = read_task(task)
+    texts = _texts(table, plan.text_field)
+    verdicts = list(checker.check_all(texts))
+    kept, removed = split_by_verdict(table, verdicts)
+    summary = summarize(verdicts, texts, groups_of(table, plan.group_column), checker.index)
+    store.write_table(part(plan.nonce, task.id, "kept.parquet"), kept)
+    store.write_table(part(plan.nonce, task.id, "removed.parquet"), removed)
+    store.write_text(part(plan.nonce, task.id, "summary.json"), json.dumps({"task": task.id, **summary}))
+    return summary
+
+
+def write_error(plan: Plan, task_id: str, error: Exception) -> None:
+    out_store(plan.out).write_text(
+        part(plan.nonce, task_id, "error.json"), json.dumps({"task": task_id, "error": str(error)})
+    )
+
+
+# --- finalizing ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _atomic_file(store: RunStore, relative: str) -> Iterator[BinaryIO]:
+    """A file that appears whole or not at all: rename on local disks, one upload elsewhere."""
+    path = store.path(relative)
+    parent = path.rsplit("/", 1)[0]
+    store.fs.makedirs(parent, exist_ok=True)
+    protocol = store.fs.protocol if isinstance(store.fs.protocol, str) else store.fs.protocol[0]
+    if protocol not in ("file", "local"):
+        with store.fs.open(path, "wb") as handle:
+            yield handle
+        return
+    temporary = f"{parent}/.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(temporary, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+
+
+def _concatenate(store: RunStore, parts: list[str], target: str) -> None:
+    """One parquet file of the parts in order, streamed a part at a time when their schemas agree."""
+    schemas = []
+    for path in parts:
+        with store.fs.open(store.path(path), "rb") as handle:
+            schemas.append(pq.read_schema(handle))
+    with _atomic_file(store, target) as sink:
+        if all(schema.equals(schemas[0], check_metadata=False) for schema in schemas):
+            with pq.ParquetWriter(sink, schemas[0], compression="zstd") as writer:
+                for path in parts:
+                    with store.fs.open(store.path(path), "rb") as handle:
+                        writer.write_table(pq.read_table(handle))
+        else:  # files of differing schemas: the same permissive union as evalsets.read_table
+            tables = []
+            for path in parts:
+                with store.fs.open(store.path(path), "rb") as handle:
+                    tables.append(pq.read_table(handle))
+            pq.write_table(pa.concat_tables(tables, promote_options="permissive"), sink, compression="zstd")
+
+
+class Incomplete(Exception):
+    """Finalize was asked for before every task of the plan had its partial."""
+
+
+def finalize(plan: Plan) -> dict[str, Any]:
+    """Merge the partials into the outputs `cosmo decontaminate` writes; returns the report."""
+    store = out_store(plan.out)
+    missing = [task.id for task in plan.tasks if task.id not in finished_tasks(plan)]
+    if missing:
+        raise Incomplete(f"{len(missing)} task(s) without a partial, e.g. {missing[0]}")
+    summaries = [
+        json.loads(store.read_text(part(plan.nonce, task.id, "summary.json")) or "") for task in plan.tasks
+    ]
+    report = merge_summaries(summaries)
+    _concatenate(store, [part(plan.nonce, t.id, "kept.parquet") for t in plan.tasks], KEPT)
+    _concatenate(store, [part(plan.nonce, t.id, "removed.parquet") for t in plan.tasks], REMOVED)
+    store.write_bytes(REPORT_JSON, report_json(report))
+    store.write_text(REPORT_MD, decontam.report_markdown(report))
+    done = {
+        "nonce": plan.nonce,
+        "documents": report["documents"],
+        "removed": report["documents_removed"],
+        "tasks": len(plan.tasks),
+    }
+    store.write_text(DONE, json.dumps(done))
+    store.remove(f"{TASKS}/{plan.nonce}")
+    return report
+
+
+def read_report(plan: Plan) -> dict[str, Any]:
+    text = out_store(plan.out).read_text(REPORT_JSON)
+    if text is None:
+        raise FileNotFoundError(f"{plan.out}/{REPORT_JSON}")
+    report: dict[str, Any] = json.loads(text)
+    return report
+
+
+# --- the queue -----------------------------------------------------------------------------------
+
+
+async def ensure_topology(
+    js: JetStreamContext, run: str, ack_wait: float = ACK_WAIT, max_deliver: int = MAX_DELIVER
+) -> None:
+    """The run's task stream (work queue, file storage) and the workers' durable pull consumer."""
+    config = StreamConfig(
+        name=stream_name(run),
+        subjects=[tasks_subject(run)],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=queue.DUPLICATE_WINDOW_SECONDS,
+    )
+    try:
+        await js.add_stream(config)
+    except Exception:
+        await js.update_stream(config)
+    consumer = ConsumerConfig(
+        durable_name=CONSUMER,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ack_wait,
+        max_deliver=max_deliver,
+        filter_subject=tasks_subject(run),
+    )
+    try:
+        await js.add_consumer(stream_name(run), consumer)
+    except Exception as error:  # an existing consumer with other settings keeps them
+        log.warning("keeping the existing %s consumer of %s: %s", CONSUMER, stream_name(run), error)
+
+
+def _message(kind: str, plan: Plan, task_id: str = "") -> bytes:
+    return queue.encode({"kind": kind, "out": plan.out, "nonce": plan.nonce, "task": task_id})
+
+
+async def _publish(js: JetStreamContext, run: str, data: bytes, msg_id: str, attempts: int = 5) -> bool:
+    """Publish with a message id; returns False when the stream dropped it as a duplicate."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ack = await js.publish(tasks_subject(run), data, headers={"Nats-Msg-Id": msg_id})
+            return not ack.duplicate
+        except Exception:
+            if attempt == attempts:
+                raise
+            await asyncio.sleep(min(0.5 * 2**attempt, 5.0))
+    raise AssertionError("unreachable")
+
+
+async def queued(js: JetStreamContext, run: str) -> set[tuple[str, str]]:
+    """(nonce, task id, or "" for finalize) of every message still in the run's task stream."""
+    found: set[tuple[str, str]] = set()
+    try:
+        info = await js.stream_info(stream_name(run))
+    except NotFoundError:
+        return found
+    seq, last = info.state.first_seq, info.state.last_seq
+    while info.state.messages and seq <= last:
+        try:
+            msg = await js.get_msg(stream_name(run), seq=seq, subject=tasks_subject(run), next=True)
+        except NotFoundError:
+            break
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            body = json.loads(msg.data or b"")
+            found.add((body["nonce"], body["task"]))
+        seq = (msg.seq or seq) + 1
+    return found
+
+
+@dataclass
+class Submitted:
+    plan: Plan
+    published: int = 0
+    finished: int = 0
+    queued: int = 0
+    done: bool = False
+
+
+async def submit(
+    nats_url: str, run: str, plan: Plan, ack_wait: float = ACK_WAIT, max_deliver: int = MAX_DELIVER
+) -> Submitted:
+    """Store the plan (or resume the stored one) and queue every task neither done nor queued."""
+    plan = await asyncio.to_thread(store_plan, plan)
+    result = Submitted(plan)
+    nc = await nats.connect(nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+    try:
+        js = nc.jetstream()
+        await ensure_topology(js, run, ack_wait, max_deliver)
+        if await asyncio.to_thread(is_done, plan):
+            result.done = True
+            return result
+        store = out_store(plan.out)
+        for task_id in await asyncio.to_thread(task_errors, plan):  # a retry of failed tasks
+            await asyncio.to_thread(store.remove, part(plan.nonce, task_id, "error.json"))
+        finished = await asyncio.to_thread(finished_tasks, plan)
+        waiting = {task for nonce, task in await queued(js, run) if nonce == plan.nonce}
+        result.finished, result.queued = len(finished), len(waiting - {""})
+        token = uuid.uuid4().hex[:8]  # a fresh id per submission; retries within it reuse it
+        for task in plan.tasks:
+            if task.id not in finished and task.id not in waiting:
+                result.published += await _publish(
+                    js, run, _message("task", plan, task.id), f"{plan.nonce}.{task.id}.{token}"
+                )
+        if len(finished) == len(plan.tasks) and "" not in waiting:
+            await _publish(js, run, _message("finalize", plan), f"{plan.nonce}.finalize.{token}")
+        return result
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
+class TaskFailed(decontam.DecontamError):
+    """A task the workers gave up on (bad input or settings); resubmit once it is fixed."""
+
+
+def _raise_failed(plan: Plan) -> None:
+    errors = task_errors(plan)
+    if errors:
+        task_id, message = sorted(errors.items())[0]
+        raise TaskFailed(f"task {task_id} failed: {message}")
+
+
+def wait_done(plan: Plan, timeout: float | None = None, interval: float = 0.5) -> dict[str, Any]:
+    """Block until the plan is finalized (returns the report) or a task failed (TaskFailed)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not is_done(plan):
+        _raise_failed(plan)
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(
+                f"decontamination not finished after {timeout:.0f}s: "
+                f"{len(finished_tasks(plan))} of {len(plan.tasks)} tasks done"
+            )
+        time.sleep(interval)
+    return read_report(plan)
+
+
+# --- the worker ----------------------------------------------------------------------------------
+
+
+def build_index(settings: Settings) -> decontam.Index:
+    return decontam.build_index(evalsets.load_benchmarks(list(settings.benchmarks)), settings.config)
+
+
+@dataclass
+class WorkerConfig:
+    nats_url: str
+    run: str
+    processes: int | None = None  # decontam.Checker processes; None: every core
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    idle_exit: float = 0.0  # exit after this many seconds without a task (0: never)
+    ack_wait: float = ACK_WAIT  # replaced by the consumer's own setting once connected
+
+
+class Stale(Exception):
+    """A task of a plan that was replaced: acknowledged and dropped."""
+
+
+class Worker:
+    """Pulls one task at a time; the index and its Checker processes are built once and reused."""
+
+    def __init__(self, config: WorkerConfig, settings: Settings | None = None) -> None:
+        self.config = config
+        self.stopping = asyncio.Event()
+        self.closing = False
+        self.tasks_done = 0
+        self._signals = False
+        self._settings: Settings | None = None
+        self._checker: decontam.Checker | None = None
+        if settings is not None:
+            self._use(settings, build_index(settings))
+
+    def _use(self, settings: Settings, index: decontam.Index) -> decontam.Checker:
+        # Called on the event loop's thread, never from a worker thread: the Checker forks, and
+        # its processes inherit the index (copy-on-write), never a pickled copy.
+        self.close()
+        with self._default_signals():
+            self._checker = decontam.Checker(index, self.config.processes)
+        self._settings = settings
+        log.info(
+            "index of %d benchmark items ready, %d checking process(es)",
+            len(index.items),
+            self._checker.workers,
+            extra={"worker": self.config.worker_id},
+        )
+        return self._checker
+
+    async def _checker_for(self, settings: Settings) -> decontam.Checker:
+        if self._checker is not None and self._settings == settings:
+            return self._checker
+        index = await asyncio.to_thread(build_index, settings)
+        return self._use(settings, index)
+
+    def close(self) -> None:
+        if self._checker is not None:
+            self._checker.close()
+            self._checker = None
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def handle_signals(self) -> None:
+        """SIGTERM/SIGINT: finish the task in hand, then exit."""
+        loop = asyncio.get_running_loop()
+        for signum in SIGNALS:
+            loop.add_signal_handler(signum, self.stop)
+        self._signals = True
+
+    @contextlib.contextmanager
+    def _default_signals(self) -> Iterator[None]:
+        """Fork the Checker's processes without our handlers, so that SIGTERM ends them.
+
+        A child that inherits the event loop's handlers takes SIGTERM as a wake-up of the
+        parent's loop and keeps running: `Checker.close()` would then wait for it forever.
+        """
+        if not self._signals:
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        for signum in SIGNALS:
+            loop.remove_signal_handler(signum)
+        try:
+            yield
+        finally:
+            for signum in SIGNALS:
+                loop.add_signal_handler(signum, self.stop)
+
+    async def run(self) -> None:
+        nc = await nats.connect(
+            self.config.nats_url,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            name=f"decontaminator-{self.config.worker_id}",
+            error_cb=self._connection_error,
+            disconnected_cb=self._disconnected,
+            reconnected_cb=_reconnected,
+        )
+        try:
+            js = nc.jetstream()
+            sub = await self._subscribe(js)
+            if sub is not None:
+                await self._pull(js, sub)
+        finally:
+            self.closing = True
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+    async def _connection_error(self, error: Exception) -> None:
+        if not self.closing:
+            log.warning("nats: %s (%s)", error or "connection error", type(error).__name__)
+
+    async def _disconnected(self) -> None:
+        if not self.closing:
+            log.warning("nats: disconnected; reconnecting")
+
+    async def _subscribe(self, js: JetStreamContext) -> Any:
+        """Bind to the consumer, waiting for the submitter to create it (the topology is not ours)."""
+        stream = stream_name(self.config.run)
+        while not self.stopping.is_set():
+            try:
+                consumer = await js.consumer_info(stream, CONSUMER)
+            except Exception as error:  # not created yet, or the server is restarting
+                log.info("waiting for the %s consumer of %s (%s)", CONSUMER, stream, type(error).__name__)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), 1.0)
+                continue
+            if consumer.config.ack_wait:
+                self.config.ack_wait = float(consumer.config.ack_wait)
+            return await js.pull_subscribe_bind(durable=CONSUMER, stream=stream)
+        return None
+
+    async def _pull(self, js: JetStreamContext, sub: Any) -> None:
+        idle_since = time.monotonic()
+        while not self.stopping.is_set():
+            try:
+                messages = await sub.fetch(batch=1, timeout=1.0)
+            except (TimeoutError, NatsTimeout):
+                if self.config.idle_exit and time.monotonic() - idle_since > self.config.idle_exit:
+                    log.info("idle for %.0fs: exiting", self.config.idle_exit)
+                    return
+                continue
+            except Exception as error:  # connection lost or server restarting: wait and pull again
+                log.warning("fetch failed (%s); retrying", error)
+                await asyncio.sleep(0.5)
+                continue
+            for msg in messages:
+                await self._handle(js, msg)
+            idle_since = time.monotonic()
+
+    async def _heartbeat(self, msg: Msg) -> None:
+        while True:
+            await asyncio.sleep(max(0.2, self.config.ack_wait / 3))
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+    async def _handle(self, js: JetStreamContext, msg: Msg) -> None:
+        try:
+            body = json.loads(msg.data)
+            kind, out, nonce, task_id = body["kind"], body["out"], body["nonce"], body["task"]
+        except (ValueError, KeyError, TypeError):
+            log.error("dropping a message that is not a decontamination task: %r", msg.data[:200])
+            await _settle(msg.term())
+            return
+        delivered = msg.metadata.num_delivered or 1
+        beat = asyncio.create_task(self._heartbeat(msg))
+        plan: Plan | None = None
+        try:
+            plan = await asyncio.to_thread(load_plan, out)
+            if plan is None or plan.nonce != nonce:
+                raise Stale()
+            if kind == "finalize":
+                await self._finalize(plan, delivered)
+            else:
+                await self._task(js, plan, plan.task(task_id), delivered)
+            await msg.ack_sync()
+        except Stale:
+            log.info("dropping task %s of replaced plan %s", task_id or "finalize", nonce)
+            await _settle(msg.ack())
+        except decontam.DecontamError as error:  # bad input or settings: retrying cannot help
+            log.error("task %s failed: %s", task_id or "finalize", error)
+            if plan is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(write_error, plan, task_id or "finalize", error)
+            await _settle(msg.term())
+        except NatsError as error:  # the server is away: the task comes back after ack_wait
+            log.warning(
+                "task %s: %s (%s); it will be redelivered", task_id or "finalize", error, type(error).__name__
+            )
+            await _settle(msg.nak(delay=5.0))
+        except Exception as error:  # storage trouble or a bug: another delivery, after a pause
+            log.error("task %s: %s; handing it back", task_id or "finalize", error, exc_info=error)
+            await _settle(msg.nak(delay=5.0))
+        finally:
+            beat.cancel()
+
+    async def _task(self, js: JetStreamContext, plan: Plan, task: Task, delivered: int) -> None:
+        extra = {"worker": self.config.worker_id, "task": task.id}
+        log.info(
+            "task %s: rows %d-%d of %s (delivery %d)", task.id, task.start, task.stop, task.uri, delivered,
+            extra=extra,
+        )  # fmt: skip
+        store = out_store(plan.out)
+        summary_path = part(plan.nonce, task.id, "summary.json")
+        if await asyncio.to_thread(is_done, plan):  # a late redelivery: the outputs are written
+            log.info("task %s: plan %s is already finalized", task.id, plan.nonce, extra=extra)
+            return
+        if await asyncio.to_thread(store.fs.exists, store.path(summary_path)):
+            log.info("task %s: already checked (redelivered after its partials landed)", task.id, extra=extra)
+        else:
+            checker = await self._checker_for(plan.settings)
+            started = time.monotonic()
+            summary = await asyncio.to_thread(run_task, plan, task, checker)
+            seconds = time.monotonic() - started
+            log.info(
+                "task %s done: %d documents, %d removed in %.2fs (%.0f docs/s)", task.id,
+                summary["documents"], summary["removed"], seconds, summary["documents"] / max(seconds, 1e-9),
+                extra=extra,
+            )  # fmt: skip
+        self.tasks_done += 1
+        if len(await asyncio.to_thread(finished_tasks, plan)) < len(plan.tasks):
+            return
+        # Every partial is in: one finalize message, however many workers noticed it at once.
+        if await _publish(js, self.config.run, _message("finalize", plan), f"{plan.nonce}.finalize"):
+            log.info("plan %s complete: finalize queued", plan.nonce, extra=extra)
+
+    async def _finalize(self, plan: Plan, delivered: int) -> None:
+        if await asyncio.to_thread(is_done, plan):
+            return
+        log.info("finalizing plan %s (delivery %d)", plan.nonce, delivered)
+        try:
+            report = await asyncio.to_thread(finalize, plan)
+        except (FileNotFoundError, Incomplete):
+            if await asyncio.to_thread(is_done, plan):  # another finalizer got there first
+                return
+            raise
+        log.info(
+            "plan %s finalized: %d documents, %d removed -> %s",
+            plan.nonce,
+            report["documents"],
+            report["documents_removed"],
+            plan.out,
+        )
+
+
+async def _reconnected() -> None:
+    log.info("nats: reconnected")
+
+
+async def _settle(reply: Any) -> None:
+    """Ack, nak or term; when the server is away, the task comes back after ack_wait anyway."""
+    try:
+        await reply
+    except Exception as error:
+        log.warning("could not settle a task message (%s); it will be redelivered", error)
+
+
+async def run_worker(config: WorkerConfig, settings: Settings | None = None) -> None:
+    """A worker until SIGTERM/SIGINT (it finishes the task in hand) or `idle_exit`."""
+    worker = Worker(config, settings)  # with settings, the Checker forks before any handler exists
+    worker.handle_signals()
+    try:
+        await worker.run()
+    finally:
+        worker.close()
+
+
+# --- everything on this machine ------------------------------------------------------------------
+
+
+def worker_command(nats_url: str, run: str, processes: int | None, worker_id: str) -> list[str]:
+    command = [sys.executable, "-m", "cosmoforge.cli", "decontaminate-worker", "--nats", nats_url]
+    command += ["--run", run, "--worker-id", worker_id]
+    return command + (["--workers", str(processes)] if processes else [])
+
+
+def run_local(
+    plan: Plan,
+    run: str,
+    workers: int,
+    nats_url: str | None = None,
+    processes: int | None = None,
+    timeout: float | None = None,
+    ack_wait: float = ACK_WAIT,
+    max_deliver: int = MAX_DELIVER,
+) -> dict[str, Any]:
+    """Submit, run `workers` worker processes here until the plan is done, return the report.
+
+    Without `nats_url` an embedded nats-server is started for the job. By default the cores are
+    shared out between the workers (each gets cores / workers checking processes).
+    """
+    processes = processes or max(1, decontam.default_workers() // workers)
+    with contextlib.ExitStack() as stack:
+        if nats_url is None:
+            server = queue.EmbeddedNats()
+            stack.callback(server.close)
+            nats_url = server.start().url
+        submitted = asyncio.run(submit(nats_url, run, plan, ack_wait, max_deliver))
+        plan = submitted.plan
+        if submitted.done:
+            return read_report(plan)
+        children: list[subprocess.Popen[bytes]] = []
+
+        def stop_children() -> None:
+            for child in children:
+                if child.poll() is None:
+                    child.terminate()
+            for child in children:
+                try:
+                    child.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+
+        stack.callback(stop_children)
+        for number in range(workers):
+            children.append(subprocess.Popen(worker_command(nats_url, run, processes, f"local-{number}")))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not is_done(plan):
+            _raise_failed(plan)
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"decontamination not finished after {timeout:.0f}s")
+            for number, child in enumerate(children):  # a dead worker is replaced, as a Deployment would
+                if child.poll() is not None:
+                    log.warning("worker local-%d exited with %s; restarting it", number, child.returncode)
+                    children[number] = subprocess.Popen(
+                        worker_command(nats_url, run, processes, f"local-{number}")
+                    )
+            time.sleep(0.5)
+        return read_report(plan)
