@@ -847,12 +847,176 @@ class Tally:
     removed: int = 0
     items: set[int] = field(default_factory=set)
 
-    def add(self, item_ids: set[int]) -> None:
-        self.removed += 1
-        self.items |= item_ids
+    def add(self, removed: int, item_ids: Iterable[int]) -> None:
+        self.removed += removed
+        self.items.update(item_ids)
 
     def as_dict(self) -> dict[str, int]:
         return {"removed": self.removed, "unique_items": len(self.items)}
+
+
+def _near_key(entry: dict[str, Any]) -> tuple[float, str, int, int]:
+    return (-entry["ratio"], entry["benchmark"], entry["item_index"], entry["row"])
+
+
+@dataclass
+class Report:
+    """The blog's table (removed documents and, apart, the unique items behind them) and more,
+    counted document by document. Reports of consecutive parts of a corpus merge into the
+    report of the whole, which is how workers that each check a part make one report.
+
+    A removed document corresponds to its best-matching item in each benchmark it matches, and
+    counts once under each of those benchmarks, as separate per-benchmark runs would count it;
+    `documents_removed` counts it once. Near-misses are the candidates at or under the threshold
+    in the documents that were kept: what an auditor would want to look at.
+    """
+
+    facts: dict[str, Any]  # the index's settings and sizes, which the report states
+    grouped: bool = False  # whether documents carry a seed-data group
+    documents: int = 0
+    removed: int = 0
+    empty: int = 0
+    not_scored: int = 0
+    totals: dict[str, Tally] = field(default_factory=dict)
+    by_group: dict[str, dict[str, Tally]] = field(default_factory=dict)
+    groups: set[str] = field(default_factory=set)
+    near: list[dict[str, Any]] = field(default_factory=list)  # the best, exact ratios
+    near_count: int = 0
+
+    @classmethod
+    def of(cls, index: Index, grouped: bool = False) -> Report:
+        sizes = index.items_per_benchmark()
+        config = index.config
+        facts = {
+            "config": {
+                "ngram": config.ngram,
+                "threshold": config.threshold,
+                "min_block_chars": config.min_block_chars,
+            },
+            "benchmark_items": len(index.items),
+            "unmatchable_items": len(index.unmatchable),
+            "items": {name: sizes.get(name, 0) for name in index.benchmarks},
+        }
+        return cls(facts, grouped)
+
+    def add(
+        self, verdict: Verdict, group: str | None = None, empty: bool = False, doc_id: str | None = None
+    ) -> None:
+        row = self.documents
+        self.documents += 1
+        self.removed += verdict.contaminated
+        self.empty += empty
+        self.not_scored += verdict.skipped
+        group = group or NO_GROUP
+        if self.grouped:
+            self.groups.add(group)
+        best_of: dict[str, int] = {}
+        for match in verdict.matches:  # best first: one item per benchmark
+            best_of.setdefault(match.benchmark, match.item_id)
+        for benchmark, item_id in best_of.items():
+            self.totals.setdefault(benchmark, Tally()).add(1, (item_id,))
+            if self.grouped:
+                self.by_group.setdefault(benchmark, {}).setdefault(group, Tally()).add(1, (item_id,))
+        if not verdict.contaminated:
+            for match in verdict.near_misses:
+                entry = {"row": row, **({"id": doc_id} if doc_id is not None else {})}
+                entry.update(benchmark=match.benchmark, item_index=match.item_index, ratio=match.ratio)
+                self._near([{**entry, "ngram": match.ngram}])
+
+    def _near(self, entries: list[dict[str, Any]]) -> None:
+        self.near_count += len(entries)
+        self.near += entries
+        if len(self.near) > 2 * NEAR_MISS_LIMIT:
+            self.near = sorted(self.near, key=_near_key)[:NEAR_MISS_LIMIT]
+
+    def merge(self, other: Report) -> None:
+        """Append the report of the documents that follow this report's documents."""
+        if other.facts != self.facts:
+            raise DecontamError("parts were checked against different benchmark indexes")
+        offset = self.documents
+        self.grouped |= other.grouped
+        self.documents += other.documents
+        self.removed += other.removed
+        self.empty += other.empty
+        self.not_scored += other.not_scored
+        self.groups |= other.groups
+        for benchmark, tally in other.totals.items():
+            self.totals.setdefault(benchmark, Tally()).add(tally.removed, tally.items)
+        for benchmark, per_group in other.by_group.items():
+            for group, tally in per_group.items():
+                self.by_group.setdefault(benchmark, {}).setdefault(group, Tally()).add(
+                    tally.removed, tally.items
+                )
+        count = self.near_count + other.near_count
+        self._near([{**entry, "row": entry["row"] + offset} for entry in other.near])
+        self.near_count = count
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything merging needs (item ids, exact ratios), as JSON values."""
+
+        def tally(t: Tally) -> dict[str, Any]:
+            return {"removed": t.removed, "items": sorted(t.items)}
+
+        return {
+            "facts": self.facts,
+            "grouped": self.grouped,
+            "documents": self.documents,
+            "removed": self.removed,
+            "empty": self.empty,
+            "not_scored": self.not_scored,
+            "totals": {name: tally(t) for name, t in self.totals.items()},
+            "by_group": {name: {g: tally(t) for g, t in per.items()} for name, per in self.by_group.items()},
+            "groups": sorted(self.groups),
+            "near": sorted(self.near, key=_near_key)[:NEAR_MISS_LIMIT],
+            "near_count": self.near_count,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Report:
+        def tally(t: dict[str, Any]) -> Tally:
+            return Tally(t["removed"], set(t["items"]))
+
+        return cls(
+            facts=data["facts"],
+            grouped=data["grouped"],
+            documents=data["documents"],
+            removed=data["removed"],
+            empty=data["empty"],
+            not_scored=data["not_scored"],
+            totals={name: tally(t) for name, t in data["totals"].items()},
+            by_group={name: {g: tally(t) for g, t in per.items()} for name, per in data["by_group"].items()},
+            groups=set(data["groups"]),
+            near=list(data["near"]),
+            near_count=data["near_count"],
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as report.json holds it."""
+        facts, groups = self.facts, sorted(self.groups)
+        return {
+            "config": facts["config"],
+            "documents": self.documents,
+            "documents_kept": self.documents - self.removed,
+            "documents_removed": self.removed,
+            "empty_documents": self.empty,
+            "benchmark_items": facts["benchmark_items"],
+            "unmatchable_items": facts["unmatchable_items"],
+            "groups": groups,
+            "benchmarks": {
+                name: {
+                    "items": size,
+                    **self.totals.get(name, Tally()).as_dict(),
+                    "groups": {g: self.by_group.get(name, {}).get(g, Tally()).as_dict() for g in groups},
+                }
+                for name, size in facts["items"].items()
+            },
+            "candidates_not_scored": self.not_scored,
+            "near_miss_count": self.near_count,
+            "near_misses": [
+                {**entry, "ratio": round(entry["ratio"], 4)}
+                for entry in sorted(self.near, key=_near_key)[:NEAR_MISS_LIMIT]
+            ],
+        }
 
 
 def build_report(
@@ -861,67 +1025,12 @@ def build_report(
     groups: Sequence[str | None] | None = None,
     empty_documents: int = 0,
 ) -> dict[str, Any]:
-    """The blog's table (removed documents and, apart, the unique items behind them) and more.
-
-    A removed document corresponds to its best-matching item in each benchmark it matches, and
-    counts once under each of those benchmarks, as separate per-benchmark runs would count it;
-    `documents_removed` counts it once. Near-misses are the candidates at or under the threshold
-    in the documents that were kept: what an auditor would want to look at.
-    """
-    totals = {name: Tally() for name in index.benchmarks}
-    by_group: dict[str, dict[str, Tally]] = {name: defaultdict(Tally) for name in index.benchmarks}
-    near: list[tuple[int, Match]] = []
+    """`Report` over a whole corpus at once; `empty_documents` is stated as given."""
+    report = Report.of(index, grouped=groups is not None)
     for row, verdict in enumerate(verdicts):
-        group = (groups[row] if groups is not None else None) or NO_GROUP
-        # A document corresponds to its best match in each benchmark (matches are best first):
-        # one copied MMLU moral scenario puts hundreds of sibling items over the threshold.
-        items_of: dict[str, set[int]] = {}
-        for match in verdict.matches:
-            items_of.setdefault(match.benchmark, {match.item_id})
-        for benchmark, item_ids in items_of.items():
-            totals[benchmark].add(item_ids)
-            if groups is not None:
-                by_group[benchmark][group].add(item_ids)
-        if not verdict.contaminated:
-            near.extend((row, m) for m in verdict.near_misses)
-    group_names = sorted({g or NO_GROUP for g in groups}) if groups is not None else []
-    sizes = index.items_per_benchmark()
-    near.sort(key=lambda entry: (_sort_key(entry[1]), entry[0]))
-    removed = sum(1 for v in verdicts if v.contaminated)
-    return {
-        "config": {
-            "ngram": index.config.ngram,
-            "threshold": index.config.threshold,
-            "min_block_chars": index.config.min_block_chars,
-        },
-        "documents": len(verdicts),
-        "documents_kept": len(verdicts) - removed,
-        "documents_removed": removed,
-        "empty_documents": empty_documents,
-        "benchmark_items": len(index.items),
-        "unmatchable_items": len(index.unmatchable),
-        "groups": group_names,
-        "benchmarks": {
-            name: {
-                "items": sizes.get(name, 0),
-                **totals[name].as_dict(),
-                "groups": {g: by_group[name][g].as_dict() for g in group_names},
-            }
-            for name in index.benchmarks
-        },
-        "candidates_not_scored": sum(v.skipped for v in verdicts),
-        "near_miss_count": len(near),
-        "near_misses": [
-            {
-                "row": row,
-                "benchmark": m.benchmark,
-                "item_index": m.item_index,
-                "ratio": round(m.ratio, 4),
-                "ngram": m.ngram,
-            }
-            for row, m in near[:NEAR_MISS_LIMIT]
-        ],
-    }
+        report.add(verdict, groups[row] if groups is not None else None)
+    report.empty = empty_documents
+    return report.as_dict()
 
 
 def _cell(entry: dict[str, int]) -> str:

@@ -5,8 +5,8 @@ writes (or a worker that checks shards elsewhere) needs the index in a long-live
 instead. Building the index is the expensive part, so the server builds it once at start and
 every call reads the same one. The servicer only translates: documents go through
 `decontam.check_batch` unchanged, so a verdict here is the verdict the CLI gives for the same
-text, and `Report` keeps the CLI's report (`decontam.build_report`) up to date incrementally,
-in memory bounded by the index rather than by the documents seen.
+text, and a `decontam.Report` keeps the CLI's report up to date incrementally, in memory
+bounded by the index rather than by the documents seen.
 
 Verification runs on every core: `serve()` starts a `decontam.Checker` (processes forked once,
 before the server exists, each inheriting the index) and the servicer hands each batch to it.
@@ -26,7 +26,6 @@ import json
 import logging
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -54,95 +53,7 @@ _CHANNEL_OPTIONS = [
 Document = Mapping[str, str]  # "text", optional "id" and "group"
 
 
-# --- the running report -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, order=True)
-class _NearMiss:
-    key: tuple[float, str, int]
-    row: int
-    entry: dict[str, Any] = field(compare=False)
-
-
-class RunningReport:
-    """`decontam.build_report` over every document checked so far, kept up to date per batch.
-
-    Every document has a group (empty counts as `(none)`), so the result equals
-    `build_report(verdicts, index, groups)` with rows numbered in the order the server checked
-    them; near-misses carry the document id besides the row.
-    """
-
-    def __init__(self, index: decontam.Index) -> None:
-        self.index = index
-        self.documents = 0
-        self.removed = 0
-        self.empty = 0
-        self.not_scored = 0
-        self.totals = {name: decontam.Tally() for name in index.benchmarks}
-        self.by_group: dict[str, dict[str, decontam.Tally]] = {name: {} for name in index.benchmarks}
-        self.groups: set[str] = set()
-        self.near: list[_NearMiss] = []
-        self.near_count = 0
-
-    def add(self, doc_id: str, text: str, group: str, verdict: decontam.Verdict) -> None:
-        row, group = self.documents, group or decontam.NO_GROUP
-        self.documents += 1
-        self.removed += verdict.contaminated
-        self.empty += not text.strip()
-        self.not_scored += verdict.skipped
-        self.groups.add(group)
-        items_of: dict[str, set[int]] = {}
-        for match in verdict.matches:  # best first: one item per benchmark, as build_report counts
-            items_of.setdefault(match.benchmark, {match.item_id})
-        for benchmark, item_ids in items_of.items():
-            self.totals[benchmark].add(item_ids)
-            self.by_group[benchmark].setdefault(group, decontam.Tally()).add(item_ids)
-        if not verdict.contaminated:
-            self._near_misses(doc_id, row, verdict.near_misses)
-
-    def _near_misses(self, doc_id: str, row: int, misses: Iterable[decontam.Match]) -> None:
-        for match in misses:
-            self.near_count += 1
-            entry = {
-                "row": row,
-                "id": doc_id,
-                "benchmark": match.benchmark,
-                "item_index": match.item_index,
-                "ratio": round(match.ratio, 4),
-                "ngram": match.ngram,
-            }
-            self.near.append(_NearMiss((-match.ratio, match.benchmark, match.item_index), row, entry))
-        if len(self.near) > 2 * decontam.NEAR_MISS_LIMIT:
-            self.near = sorted(self.near)[: decontam.NEAR_MISS_LIMIT]
-
-    def as_dict(self) -> dict[str, Any]:
-        config, groups = self.index.config, sorted(self.groups)
-        sizes = self.index.items_per_benchmark()
-        return {
-            "config": {
-                "ngram": config.ngram,
-                "threshold": config.threshold,
-                "min_block_chars": config.min_block_chars,
-            },
-            "documents": self.documents,
-            "documents_kept": self.documents - self.removed,
-            "documents_removed": self.removed,
-            "empty_documents": self.empty,
-            "benchmark_items": len(self.index.items),
-            "unmatchable_items": len(self.index.unmatchable),
-            "groups": groups,
-            "benchmarks": {
-                name: {
-                    "items": sizes.get(name, 0),
-                    **self.totals[name].as_dict(),
-                    "groups": {g: self.by_group[name].get(g, decontam.Tally()).as_dict() for g in groups},
-                }
-                for name in self.index.benchmarks
-            },
-            "candidates_not_scored": self.not_scored,
-            "near_miss_count": self.near_count,
-            "near_misses": [miss.entry for miss in sorted(self.near)[: decontam.NEAR_MISS_LIMIT]],
-        }
+# --- the report -------------------------------------------------------------------------------
 
 
 def report_reply(report: dict[str, Any]) -> pb.ReportReply:
@@ -212,7 +123,7 @@ class DecontaminatorServicer(pb_grpc.DecontaminatorServicer):
         self.batch_size = batch_size
         self.checker = checker
         self.depth = checker.workers + 1 if checker is not None and checker.workers > 1 else 1
-        self.report = RunningReport(index)
+        self.report = decontam.Report.of(index, grouped=True)
 
     def _check(self, texts: list[str]) -> list[decontam.Verdict]:
         if self.checker is None:
@@ -246,7 +157,9 @@ class DecontaminatorServicer(pb_grpc.DecontaminatorServicer):
                     log.error("check failed", exc_info=error)
                     await context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
                 for document, verdict in zip(batch, verdicts, strict=True):
-                    self.report.add(document.id, document.text, document.group, verdict)
+                    self.report.add(
+                        verdict, document.group, empty=not document.text.strip(), doc_id=document.id
+                    )
                     yield verdict_message(document.id, verdict)
             await reader  # surfaces a failed request stream
         finally:

@@ -25,11 +25,11 @@ machines, the way generation is:
   what `cosmo decontaminate` writes for the same input, then marks the plan done and deletes
   the partials. Finalizing is itself a task: if its worker dies, it is redelivered.
 
-The partial report of a range keeps what the final report needs and nothing per document that
-was clean: per benchmark, the removed documents and the item ids they correspond to (overall
-and per seed-data group), the near-misses (the best `NEAR_MISS_LIMIT` of the range, with their
-exact ratios so the merge orders them as one process would), and counts. Merged, they give
-`decontam.build_report` over the whole input (tested byte for byte against one process).
+The partial report of a range is its `decontam.Report` as JSON: what the final report needs
+and nothing per document that was clean (per benchmark, the removed documents and the item ids
+they correspond to, overall and per seed-data group; the best `NEAR_MISS_LIMIT` near-misses
+with exact ratios; counts). Merged in row order they give the report of the whole input
+(tested byte for byte against one process).
 
 Layout under the stage's output folder (`<run>/decontam/`):
 
@@ -52,7 +52,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -428,155 +428,6 @@ def _texts(table: pa.Table, text_field: str) -> list[str]:
     return evalsets.text_column(table, text_field)
 
 
-def _sort_key(entry: dict[str, Any]) -> tuple[float, str, int, int]:
-    # decontam.build_report's order: highest ratio, then benchmark, item, and row.
-    return (-entry["ratio"], entry["benchmark"], entry["item_index"], entry["row"])
-
-
-def index_facts(index: decontam.Index) -> dict[str, Any]:
-    """What the report says about the index; every partial carries it, so merging needs no index."""
-    sizes = index.items_per_benchmark()
-    return {
-        "config": {
-            "ngram": index.config.ngram,
-            "threshold": index.config.threshold,
-            "min_block_chars": index.config.min_block_chars,
-        },
-        "benchmark_items": len(index.items),
-        "unmatchable_items": len(index.unmatchable),
-        "items": {name: sizes.get(name, 0) for name in index.benchmarks},
-    }
-
-
-def summarize(
-    verdicts: Sequence[decontam.Verdict],
-    texts: Sequence[str],
-    groups: Sequence[str | None] | None,
-    index: decontam.Index,
-) -> dict[str, Any]:
-    """A range's partial report: `decontam.build_report`'s counts, with item ids kept for merging.
-
-    A removed document corresponds to its best match in each benchmark it matches (matches are
-    best first), as in build_report; near-misses are those of kept documents, rows local.
-    """
-    benchmarks: dict[str, dict[str, Any]] = {
-        name: {"removed": 0, "items": set(), "groups": {}} for name in index.benchmarks
-    }
-    names: set[str] = set()
-    near: list[dict[str, Any]] = []
-    for row, verdict in enumerate(verdicts):
-        group = (groups[row] if groups is not None else None) or decontam.NO_GROUP
-        names.add(group)
-        best_of: dict[str, int] = {}
-        for match in verdict.matches:
-            best_of.setdefault(match.benchmark, match.item_id)
-        for benchmark, item_id in best_of.items():
-            tallies = [benchmarks[benchmark]]
-            if groups is not None:
-                per_group = benchmarks[benchmark]["groups"]
-                tallies.append(per_group.setdefault(group, {"removed": 0, "items": set()}))
-            for tally in tallies:
-                tally["removed"] += 1
-                tally["items"].add(item_id)
-        if not verdict.contaminated:
-            near += [
-                {
-                    "row": row,
-                    "benchmark": m.benchmark,
-                    "item_index": m.item_index,
-                    "ratio": m.ratio,  # exact: the merge orders by it; the report rounds it
-                    "ngram": m.ngram,
-                }
-                for m in verdict.near_misses
-            ]
-    near.sort(key=_sort_key)
-    return {
-        "documents": len(verdicts),
-        "removed": sum(1 for v in verdicts if v.contaminated),
-        "empty": sum(1 for text in texts if not text.strip()),
-        "not_scored": sum(v.skipped for v in verdicts),
-        "groups": sorted(names) if groups is not None else None,
-        "benchmarks": {
-            name: {
-                "removed": entry["removed"],
-                "items": sorted(entry["items"]),
-                "groups": {
-                    group: {"removed": tally["removed"], "items": sorted(tally["items"])}
-                    for group, tally in entry["groups"].items()
-                },
-            }
-            for name, entry in benchmarks.items()
-        },
-        "near_miss_count": len(near),
-        "near_misses": near[: decontam.NEAR_MISS_LIMIT],
-        "index": index_facts(index),
-    }
-
-
-def merge_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Partials in row order -> the report `decontam.build_report` gives for the whole input."""
-    if not summaries:
-        raise ValueError("nothing to merge")
-    facts = summaries[0]["index"]
-    if any(summary["index"] != facts for summary in summaries):
-        raise decontam.DecontamError("partials were checked against different benchmark indexes")
-    grouped = any(summary["groups"] is not None for summary in summaries)
-    group_names = sorted({g for s in summaries for g in s["groups"] or ()}) if grouped else []
-    removed: dict[str, int] = dict.fromkeys(facts["items"], 0)
-    items: dict[str, set[int]] = {name: set() for name in facts["items"]}
-    by_group: dict[str, dict[str, tuple[int, set[int]]]] = {name: {} for name in facts["items"]}
-    near: list[dict[str, Any]] = []
-    offset = 0
-    for summary in summaries:
-        for name, entry in summary["benchmarks"].items():
-            removed[name] += entry["removed"]
-            items[name].update(entry["items"])
-            for group, tally in entry["groups"].items():
-                count, ids = by_group[name].get(group, (0, set()))
-                by_group[name][group] = (count + tally["removed"], ids | set(tally["items"]))
-        near += [{**miss, "row": miss["row"] + offset} for miss in summary["near_misses"]]
-        offset += summary["documents"]
-    near.sort(key=_sort_key)
-    documents = sum(s["documents"] for s in summaries)
-    documents_removed = sum(s["removed"] for s in summaries)
-
-    def group_tally(name: str, group: str) -> dict[str, int]:
-        count, ids = by_group[name].get(group, (0, set()))
-        return {"removed": count, "unique_items": len(ids)}
-
-    return {
-        "config": facts["config"],
-        "documents": documents,
-        "documents_kept": documents - documents_removed,
-        "documents_removed": documents_removed,
-        "empty_documents": sum(s["empty"] for s in summaries),
-        "benchmark_items": facts["benchmark_items"],
-        "unmatchable_items": facts["unmatchable_items"],
-        "groups": group_names,
-        "benchmarks": {
-            name: {
-                "items": size,
-                "removed": removed[name],
-                "unique_items": len(items[name]),
-                "groups": {g: group_tally(name, g) for g in group_names},
-            }
-            for name, size in facts["items"].items()
-        },
-        "candidates_not_scored": sum(s["not_scored"] for s in summaries),
-        "near_miss_count": sum(s["near_miss_count"] for s in summaries),
-        "near_misses": [
-            {
-                "row": m["row"],
-                "benchmark": m["benchmark"],
-                "item_index": m["item_index"],
-                "ratio": round(m["ratio"], 4),
-                "ngram": m["ngram"],
-            }
-            for m in near[: decontam.NEAR_MISS_LIMIT]
-        ],
-    }
-
-
 def run_task(plan: Plan, task: Task, checker: decontam.Checker) -> dict[str, Any]:
     """Check one range and write its partials, the summary last; returns the summary."""
     store = out_store(plan.out)
@@ -584,7 +435,11 @@ def run_task(plan: Plan, task: Task, checker: decontam.Checker) -> dict[str, Any
     texts = _texts(table, plan.text_field)
     verdicts = list(checker.check_all(texts))
     kept, removed = split_by_verdict(table, verdicts)
-    summary = summarize(verdicts, texts, groups_of(table, plan.group_column), checker.index)
+    groups = groups_of(table, plan.group_column)
+    partial = decontam.Report.of(checker.index, grouped=groups is not None)
+    for row, (verdict, text) in enumerate(zip(verdicts, texts, strict=True)):
+        partial.add(verdict, groups[row] if groups is not None else None, empty=not text.strip())
+    summary = partial.to_json()
     store.write_table(part(plan.nonce, task.id, "kept.parquet"), kept)
     store.write_table(part(plan.nonce, task.id, "removed.parquet"), removed)
     store.write_text(part(plan.nonce, task.id, "summary.json"), json.dumps({"task": task.id, **summary}))
@@ -656,7 +511,10 @@ def finalize(plan: Plan) -> dict[str, Any]:
     summaries = [
         json.loads(store.read_text(part(plan.nonce, task.id, "summary.json")) or "") for task in plan.tasks
     ]
-    report = merge_summaries(summaries)
+    merged = decontam.Report.from_json(summaries[0])
+    for summary in summaries[1:]:
+        merged.merge(decontam.Report.from_json(summary))
+    report = merged.as_dict()
     _concatenate(store, [part(plan.nonce, t.id, "kept.parquet") for t in plan.tasks], KEPT)
     _concatenate(store, [part(plan.nonce, t.id, "removed.parquet") for t in plan.tasks], REMOVED)
     store.write_bytes(REPORT_JSON, report_json(report))
