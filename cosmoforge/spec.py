@@ -285,6 +285,17 @@ class Decontaminate(Strict):
     ngram: int = Field(default=10, ge=1, le=64)
     threshold: Fraction = 0.5
     min_block_chars: int = Field(default=5, ge=0)
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=1024,
+        description=(
+            "Pods that check the run's dataset in operator mode. 1: one Job runs `cosmo decontaminate`. "
+            "More: a Job queues the dataset's row ranges on the run's NATS JetStream "
+            "(`cosmo decontaminate-submit --wait`) and a Job of this many `cosmo decontaminate-worker` "
+            "pods checks them, with the same outputs. `cosmo run` always checks in one process."
+        ),
+    )
 
     @field_validator("benchmarks")
     @classmethod

@@ -71,6 +71,7 @@ def test_crd_schema_rejects_what_the_model_rejects() -> None:
         (("spec", "prompts", "topicConditioning"), 1.5),
         (("spec", "generation", "engine"), "ollama"),
         (("spec", "seeds"), []),
+        (("spec", "postprocess", "decontaminate", "workers"), 0),
     ]:
         bad = yaml.safe_load(yaml.safe_dump(document))
         node = bad

@@ -9,6 +9,7 @@ flapping, an invalid spec fails with a condition, deletion cleans up, restarts c
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import subprocess
 import sys
@@ -229,6 +230,63 @@ def test_stages_run_in_order_and_delete_removes_every_child(
         assert cluster.items(deployments_path(NS)) == []
         assert cluster.items(services_path(NS)) == []
         assert cluster.items(jobs_path(NS)) == []
+    assert runner.exception is None
+
+
+def _generated(api: KubeApi, url: str, run: str) -> None:
+    """Drive a run's generation to its end: two prompts queued and taken."""
+    wait_for("stream", lambda: condition(api, run, "QueueReachable").get("status") == "True")
+    asyncio.run(_publish(url, run, 2))
+    asyncio.run(_consume(url, run, 2))
+
+
+def test_decontamination_workers_run_beside_the_submitter_and_end_with_it(
+    cluster: KubeApi, nats_server: EmbeddedNats
+) -> None:
+    pooled = gpu_spec("pooled")
+    pooled["spec"]["postprocess"] = {
+        "dedup": {"enabled": False},
+        "decontaminate": {"benchmarks": ["mmlu"], "workers": 3},
+    }
+    broken = copy.deepcopy(pooled)
+    broken["metadata"]["name"] = "broken-pool"
+    with operator() as runner:
+        run = cluster.create(runs_path(NS), pooled)
+        _generated(cluster, nats_server.url, "pooled")
+        submit = wait_for("submit job", lambda: cluster.get(jobs_path(NS, "pooled-decontaminate")))
+        pool = wait_for("worker pool", lambda: cluster.get(jobs_path(NS, "pooled-decontaminate-workers")))
+        wait_for("Decontaminating", lambda: status(cluster, "pooled").get("phase") == "Decontaminating")
+        for job in (submit, pool):
+            (owner,) = job["metadata"]["ownerReferences"]
+            assert owner["uid"] == run["metadata"]["uid"] and owner["controller"] is True
+        assert submit["spec"]["template"]["spec"]["containers"][0]["args"][0] == "decontaminate-submit"
+        assert pool["spec"]["template"]["spec"]["containers"][0]["args"][0] == "decontaminate-worker"
+        assert pool["spec"]["parallelism"] == 3
+
+        # Every worker left (idle) while the submitter still waits: a new pool takes over.
+        cluster.patch(jobs_path(NS, "pooled-decontaminate-workers"), {"status": {"succeeded": 3}})
+        wait_for(
+            "a new pool",
+            lambda: (
+                cluster.creations("batch/v1/jobs", NS, "pooled-decontaminate-workers") == 2
+                and cluster.get(jobs_path(NS, "pooled-decontaminate-workers"))
+            ),
+        )
+        assert status(cluster, "pooled")["phase"] == "Decontaminating"
+        # The submitter saw the merged outputs: the stage is done and the idle pool goes.
+        cluster.patch(jobs_path(NS, "pooled-decontaminate"), {"status": {"succeeded": 1}})
+        wait_for("Succeeded", lambda: status(cluster, "pooled").get("phase") == "Succeeded")
+        assert cluster.get(jobs_path(NS, "pooled-decontaminate-workers")) is None
+        assert status(cluster, "pooled")["outputs"]["decontaminate"].endswith("/pooled/decontam")
+
+        # A pool that fails (workers crashing past its backoff limit) fails the run.
+        cluster.create(runs_path(NS), broken)
+        _generated(cluster, nats_server.url, "broken-pool")
+        wait_for("pool", lambda: cluster.get(jobs_path(NS, "broken-pool-decontaminate-workers")))
+        cluster.patch(jobs_path(NS, "broken-pool-decontaminate-workers"), {"status": {"failed": 7}})
+        wait_for("Failed", lambda: status(cluster, "broken-pool").get("phase") == "Failed")
+        assert "broken-pool-decontaminate-workers" in condition(cluster, "broken-pool", "Failed")["message"]
+        wait_for("submitter stopped", lambda: cluster.get(jobs_path(NS, "broken-pool-decontaminate")) is None)
     assert runner.exception is None
 
 

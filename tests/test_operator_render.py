@@ -19,6 +19,7 @@ import yaml
 
 from conftest import EXAMPLES, small_run
 from cosmoforge.cli import build_parser, main
+from cosmoforge.decontam_worker import ACK_WAIT
 from cosmoforge.operator.autoscale import decide, desired_replicas
 from cosmoforge.operator.progress import (
     Counts,
@@ -36,7 +37,9 @@ from cosmoforge.operator.render import (
     child_name,
     endpoint_url,
     generator_replicas,
+    output_uri,
     render_all,
+    stage_jobs,
     stages,
 )
 from cosmoforge.queue import CONSUMER, stream_name
@@ -319,6 +322,7 @@ def test_keda_mode_renders_a_jetstream_scaled_object() -> None:
 
 def test_stages_run_in_order_and_chain_their_outputs() -> None:
     run = load_run(EXAMPLES / "cosmopedia-mixtral.yaml")
+    run.spec.postprocess.decontaminate.workers = 1  # one Job per stage (workers: below)
     planned = stages(run, PLATFORM)
     assert [s.name for s in planned] == ["dedup", "decontaminate", "tokenize", "train", "evaluate"]
     root = "s3://my-datasets/cosmopedia/cosmopedia-mixtral"
@@ -337,6 +341,93 @@ def test_stages_run_in_order_and_chain_their_outputs() -> None:
         s.name for s in planned
     ]
     assert all(j["spec"]["template"]["spec"]["restartPolicy"] == "Never" for j in jobs)
+
+
+def _decontaminate_jobs(workers: int | None) -> list[dict[str, Any]]:
+    document = small_run("clean")
+    document["spec"]["postprocess"] = {"decontaminate": {"benchmarks": ["mmlu", "piqa"], "threshold": 0.7}}
+    if workers is not None:
+        document["spec"]["postprocess"]["decontaminate"]["workers"] = workers
+    run = run_from(document)
+    (stage,) = [s for s in stages(run, PLATFORM) if s.name == "decontaminate"]
+    return stage_jobs(run, PLATFORM, stage)
+
+
+def test_one_decontamination_worker_is_the_single_job_as_before() -> None:
+    assert _decontaminate_jobs(None) == _decontaminate_jobs(1)
+    (job,) = _decontaminate_jobs(1)
+    assert job["metadata"]["name"] == "clean-decontaminate"
+    assert job["spec"]["backoffLimit"] == 2 and "parallelism" not in job["spec"]
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    root = "s3://datasets/runs/cosmoforge-runs/clean"
+    assert container["args"] == [
+        "decontaminate", f"{root}/dedup/kept.parquet", "--out", f"{root}/decontam",
+        "--benchmark", "mmlu", "--benchmark", "piqa",
+        "--ngram", "10", "--threshold", "0.7", "--min-block-chars", "5",
+    ]  # fmt: skip
+    assert container["resources"] == {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "8Gi"}}
+
+
+def test_decontamination_workers_render_a_submit_job_and_a_worker_pool() -> None:
+    submit, pool = _decontaminate_jobs(3)
+    for job in (submit, pool):
+        validate_manifest(job)
+        assert job["kind"] == "Job" and job["metadata"]["namespace"] == "gen"
+        assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+        labels = job["metadata"]["labels"]
+        assert labels["cosmoforge.io/run"] == "clean" and labels["app.kubernetes.io/managed-by"]
+        assert job["spec"]["template"]["metadata"]["labels"] == labels
+    assert submit["metadata"]["name"] == "clean-decontaminate"
+    assert submit["metadata"]["labels"]["app.kubernetes.io/component"] == "decontaminate"
+    assert pool["metadata"]["name"] == "clean-decontaminate-workers"
+    assert pool["metadata"]["labels"]["app.kubernetes.io/component"] == "decontaminate-workers"
+    # A work-queue Job: three pods at once, no completion count; failed pods are replaced.
+    assert pool["spec"]["parallelism"] == 3 and "completions" not in pool["spec"]
+    assert pool["spec"]["backoffLimit"] >= 3
+
+    parser = build_parser()
+    root, out = "s3://datasets/runs/cosmoforge-runs/clean", "s3://datasets/runs/cosmoforge-runs"
+    (submitter,) = submit["spec"]["template"]["spec"]["containers"]
+    args = parser.parse_args(submitter["args"])
+    assert args.command == "decontaminate-submit" and args.func.__name__ == "run_decontaminate_submit"
+    assert (args.nats, args.run, args.out) == (PLATFORM.nats_url, "clean", out)
+    assert args.input == f"{root}/dedup/kept.parquet"  # what dedup kept, as the single Job reads
+    assert args.wait and not args.spawn and args.timeout is None
+
+    (worker,) = pool["spec"]["template"]["spec"]["containers"]
+    args = parser.parse_args(worker["args"])
+    assert args.command == "decontaminate-worker" and args.func.__name__ == "run_decontaminate_worker"
+    assert (args.nats, args.run, args.out) == (PLATFORM.nats_url, "clean", out)
+    assert args.worker_id == "$(POD_NAME)"
+    assert env_of(worker)["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    # Checking processes = the pod's CPU request, not the node's cores.
+    assert args.workers == int(worker["resources"]["requests"]["cpu"])
+    # Idle workers outlive a dead worker's ack wait, so its range finds another; then they end.
+    assert args.idle_exit > ACK_WAIT
+
+    # Same image, storage, environment and lock-down as every stage Job.
+    env = [e for e in worker["env"] if e["name"] != "POD_NAME"]
+    assert env == submitter["env"] and {e["name"] for e in env} >= {"HOME", "AWS_ENDPOINT_URL"}
+    for key in ("image", "imagePullPolicy", "command", "envFrom", "securityContext", "volumeMounts"):
+        assert worker[key] == submitter[key], key
+    assert submitter["envFrom"] == [{"secretRef": {"name": "object-store"}}]
+    submit_pod, pool_pod = submit["spec"]["template"]["spec"], pool["spec"]["template"]["spec"]
+    for key in ("securityContext", "volumes", "automountServiceAccountToken"):
+        assert pool_pod[key] == submit_pod[key], key
+    assert set(worker["resources"]) == set(submitter["resources"]) == {"requests", "limits"}
+
+
+def test_decontamination_workers_keep_the_stage_chain() -> None:
+    run = load_run(EXAMPLES / "cosmopedia-mixtral.yaml")
+    assert run.spec.postprocess.decontaminate.workers == 8
+    planned = stages(run, PLATFORM)
+    decontam, tokenize = planned[1], planned[2]
+    assert decontam.pool is not None and decontam.pool.size == 8
+    assert decontam.parts == ("decontaminate", "decontaminate-workers")
+    assert tokenize.args[1] == f"{decontam.output}/kept.parquet"
+    assert decontam.output == f"{output_uri(run, PLATFORM)}/cosmopedia-mixtral/decontam"
+    names = [j["metadata"]["name"] for j in by_kind(render_all(run, PLATFORM), "Job")]
+    assert names == [f"cosmopedia-mixtral-{part}" for s in planned for part in s.parts]
 
 
 def test_disabled_stages_are_not_rendered() -> None:
@@ -364,7 +455,8 @@ def test_cosmo_render_prints_every_manifest(capsys: pytest.CaptureFixture[str]) 
     assert main(["render", str(example), "--namespace", "gen"]) == 0
     documents = list(yaml.safe_load_all(capsys.readouterr().out))
     kinds = [d["kind"] for d in documents]
-    assert kinds == ["Deployment", "Service", "Deployment", "Job", "Job", "Job", "Job", "Job"]
+    # Dedup, decontamination (submitter and worker pool), tokenize, train, evaluate.
+    assert kinds == ["Deployment", "Service", "Deployment", "Job", "Job", "Job", "Job", "Job", "Job"]
     for document in documents:
         validate_manifest(document)
     assert main(["render", str(EXAMPLES / "quickstart.yaml")]) == 1
@@ -447,6 +539,44 @@ def test_stages_advance_one_at_a_time() -> None:
     assert failed.phase == Phase.failed and failed.failed == planned[1]
     done = {s.name: JobState.succeeded for s in planned}
     assert next_step(planned, done, True, []).phase == Phase.succeeded
+
+
+def test_a_stage_with_workers_ends_with_its_own_job_and_fails_with_either() -> None:
+    run = load_run(EXAMPLES / "cosmopedia-mixtral.yaml")
+    planned = stages(run, PLATFORM)
+    dedup, decontam, tokenize = planned[:3]
+    done = {"dedup": JobState.succeeded}
+
+    def step(**states: JobState) -> Any:
+        jobs = {**done, **{name.replace("_", "-"): state for name, state in states.items()}}
+        return next_step(planned, jobs, True, [])
+
+    first = step()
+    assert first.start == decontam and first.phase == Phase.decontaminating and first.stop == ()
+    both = step(decontaminate=JobState.running, decontaminate_workers=JobState.running)
+    assert (both.start, both.pool, both.stop, both.phase) == (None, None, (), Phase.decontaminating)
+    # The pool went missing (deleted by hand) while the submitter waits: create it again.
+    assert step(decontaminate=JobState.running).pool == decontam
+    # Its workers all ended (idle, or a node drain) while work remains: delete it, then recreate.
+    idle = step(decontaminate=JobState.running, decontaminate_workers=JobState.succeeded)
+    assert idle.stop == ("decontaminate-workers",) and idle.pool is None
+    assert idle.phase == Phase.decontaminating
+    # The pool failed: the stage fails, naming the pool, and the waiting submitter is stopped.
+    broken = step(decontaminate=JobState.running, decontaminate_workers=JobState.failed)
+    assert broken.phase == Phase.failed and broken.failed == decontam
+    assert broken.failed_part == "decontaminate-workers" and broken.stop == ("decontaminate",)
+    # The submitter failed: the stage fails, naming it, and the workers are stopped.
+    refused = step(decontaminate=JobState.failed, decontaminate_workers=JobState.running)
+    assert refused.failed == decontam and refused.failed_part == "decontaminate"
+    assert refused.stop == ("decontaminate-workers",)
+    # The submitter succeeded: the next stage starts and idle workers still up are stopped.
+    after = step(decontaminate=JobState.succeeded, decontaminate_workers=JobState.running)
+    assert after.start == tokenize and after.stop == ("decontaminate-workers",)
+    assert step(decontaminate=JobState.succeeded, decontaminate_workers=JobState.succeeded).stop == ()
+    finished = {s.name: JobState.succeeded for s in planned} | {"decontaminate-workers": JobState.running}
+    last = next_step(planned, finished, True, [])
+    assert last.phase == Phase.succeeded and last.stop == ("decontaminate-workers",)
+    assert dedup.pool is None and dedup.parts == ("dedup",)
 
 
 def test_job_states() -> None:

@@ -31,6 +31,7 @@ def test_quickstart_is_valid_and_defaults_follow_the_recipe() -> None:
     assert set(defaults.prompts.styles) == {"textbook", "blog_post", "wikihow"}
     assert defaults.postprocess.decontaminate.ngram == 10
     assert defaults.postprocess.decontaminate.threshold == 0.5
+    assert defaults.postprocess.decontaminate.workers == 1  # one Job, as before the field existed
     assert (defaults.postprocess.dedup.buckets, defaults.postprocess.dedup.hashes_per_bucket) == (14, 8)
     assert "Once upon a time" in defaults.prompts.banned_openings
 
@@ -119,6 +120,27 @@ BAD_SPECS = [
         ["mmlu", "gsm9k"],
         "spec.postprocess.decontaminate.benchmarks",
         "unknown benchmark 'gsm9k'",
+    ),
+    (
+        "no decontamination worker",
+        "spec.postprocess.decontaminate.workers",
+        0,
+        "spec.postprocess.decontaminate.workers",
+        "greater than or equal to 1",
+    ),
+    (
+        "too many decontamination workers",
+        "spec.postprocess.decontaminate.workers",
+        5000,
+        "spec.postprocess.decontaminate.workers",
+        "less than or equal to 1024",
+    ),
+    (
+        "decontamination workers not a number",
+        "spec.postprocess.decontaminate.workers",
+        "many",
+        "spec.postprocess.decontaminate.workers",
+        "valid integer",
     ),
     (
         "duplicate audiences",

@@ -47,8 +47,9 @@ from cosmoforge.operator.render import (
     generator_replicas,
     initial_replicas,
     output_uri,
+    pool_job,
     run_root,
-    stage_job,
+    stage_jobs,
     stages,
     workloads,
 )
@@ -215,7 +216,9 @@ async def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger
         conditions = set_condition(conditions, "Failed", True, "GenerationFailed", counts.error)
         kopf.warn(body, reason="GenerationFailed", message=counts.error)
     else:
-        phase, conditions = await _advance(body, kube, run, platform, generation_done, outputs, conditions)
+        phase, conditions = await _advance(
+            body, kube, run, platform, generation_done, outputs, conditions, logger
+        )
     if phase in TERMINAL:
         await _scale(
             kube, run, await kube.get(DEPLOYMENT, namespace, child_name(run.name, "inference")), 0, platform
@@ -413,8 +416,10 @@ async def _advance(
     generation_done: bool,
     outputs: dict[str, str],
     conditions: list[dict[str, Any]],
+    logger: Logger,
 ) -> tuple[Phase, list[dict[str, Any]]]:
-    """Post-processing: record finished stages, start the next Job, or fail on a failed one."""
+    """Post-processing: record finished stages, start the next stage's Jobs, keep a running stage's
+    worker pool up, delete what a finished or failed stage leaves running, or fail on a failed Job."""
     namespace = _namespace(body)
     planned = stages(run, platform)
     jobs: dict[str, JobState] = {}
@@ -427,15 +432,24 @@ async def _advance(
         if jobs.get(stage.name) == JobState.succeeded:
             outputs[stage.name] = stage.output
     step = next_step(planned, jobs, generation_done, [name for name in outputs if name != "dataset"])
+    for part in step.stop:  # a pool done or left idle, or what is left of a failed stage
+        if await kube.delete(JOB, namespace, child_name(run.name, part)):
+            logger.info(f"deleted Job {child_name(run.name, part)} ({part} of a stage that is over or idle)")
     if step.failed is not None:
-        message = f"stage {step.failed.name} failed: see Job {child_name(run.name, step.failed.name)}"
+        message = f"stage {step.failed.name} failed: see Job {child_name(run.name, step.failed_part)}"
         kopf.warn(body, reason="StageFailed", message=message)
         return Phase.failed, set_condition(conditions, "Failed", True, "StageFailed", message)
     if step.start is not None and not run.spec.suspend:
-        job = stage_job(run, platform, step.start)
-        kopf.adopt(job, owner=body, nested=["spec.template"])
-        await _apply(kube, job)
+        for job in stage_jobs(run, platform, step.start):
+            kopf.adopt(job, owner=body, nested=["spec.template"])
+            await _apply(kube, job)
         kopf.info(body, reason="StageStarted", message=f"started {step.start.name}")
+    if step.pool is not None and not run.spec.suspend:
+        pool = pool_job(run, platform, step.pool)
+        if pool is not None:  # its workers left (or it was deleted) while the stage still runs
+            kopf.adopt(pool, owner=body, nested=["spec.template"])
+            await _apply(kube, pool)
+            kopf.info(body, reason="WorkersStarted", message=f"started workers of {step.pool.name}")
     if step.phase == Phase.succeeded:
         conditions = set_condition(conditions, "Complete", True, "AllStagesSucceeded", root)
     return step.phase, conditions

@@ -109,29 +109,56 @@ def progress_text(counts: Counts) -> str:
 
 @dataclass(frozen=True)
 class Step:
-    """What to do now: the phase to report, a stage Job to start, or the stage that failed."""
+    """What to do now: the phase to report, Jobs to create or delete, or the stage that failed.
+
+    `start`: create the stage's Jobs (its own and its pool's); `pool`: create the stage's worker
+    pool, which is missing while the stage runs; `stop`: delete these Jobs (by component), a
+    pool whose work is over or cannot finish, or the rest of a failed stage; `failed_part`: the
+    component whose Job failed `failed`.
+    """
 
     phase: Phase
     start: Stage | None = None
     failed: Stage | None = None
+    failed_part: str = ""
+    pool: Stage | None = None
+    stop: tuple[str, ...] = ()
 
 
 def next_step(
     stages: Sequence[Stage], jobs: Mapping[str, JobState], generation_done: bool, finished: Sequence[str]
 ) -> Step:
-    """Stages run one at a time, in order, each after the previous one succeeded."""
+    """Stages run one at a time, in order, each after the previous one succeeded.
+
+    `jobs` holds the state of each Job by component. A stage with a worker pool is over when
+    its own Job is; the pool failing fails it too. A pool whose pods all ended while the stage
+    runs (idle workers leave; a node drain ends them cleanly) is deleted, to be created again
+    on the next pass; once the stage is over, a pool still running is deleted.
+    """
     if not generation_done:
         return Step(Phase.generating)
+    stop: list[str] = []
     for stage in stages:
         state = JobState.succeeded if stage.name in finished else jobs.get(stage.name, JobState.missing)
+        part = stage.pool.part if stage.pool is not None else ""
+        pool = jobs.get(part, JobState.missing) if part else None
+        running_pool = [part] if pool == JobState.running else []
         if state == JobState.succeeded:
+            stop += running_pool
             continue
         if state == JobState.failed:
-            return Step(Phase.failed, failed=stage)
+            return Step(Phase.failed, failed=stage, failed_part=stage.name, stop=(*stop, *running_pool))
+        if pool == JobState.failed:
+            rest = [stage.name] if state == JobState.running else []
+            return Step(Phase.failed, failed=stage, failed_part=part, stop=(*stop, *rest))
         if state == JobState.missing:
-            return Step(stage.phase, start=stage)
-        return Step(stage.phase)
-    return Step(Phase.succeeded)
+            return Step(stage.phase, start=stage, stop=tuple(stop))
+        if pool == JobState.succeeded:
+            return Step(stage.phase, stop=(*stop, part))
+        if pool == JobState.missing:
+            return Step(stage.phase, pool=stage, stop=tuple(stop))
+        return Step(stage.phase, stop=tuple(stop))
+    return Step(Phase.succeeded, stop=tuple(stop))
 
 
 def now_text() -> str:

@@ -476,8 +476,25 @@ def scaled_object(run: GenerationRun, platform: Platform) -> Manifest | None:
 
 
 @dataclass(frozen=True)
+class Pool:
+    """Worker pods beside a stage's Job: one Job of `size` pods, each running `args`.
+
+    The stage's own Job says when the stage is over (it waits for the workers' outputs); the
+    pool only does the work. Its pods are never expected to end the stage: the operator
+    replaces a pool whose workers all left while the stage still runs, fails the stage when
+    the pool fails, and deletes the pool once the stage is over.
+    """
+
+    part: str
+    size: int
+    args: tuple[str, ...]
+    cpu: str = "2"
+    memory: str = "8Gi"
+
+
+@dataclass(frozen=True)
 class Stage:
-    """One Job of the run: started when the previous stage succeeded."""
+    """One Job of the run (and maybe its worker pool): started when the previous stage succeeded."""
 
     name: str
     phase: Phase
@@ -485,10 +502,45 @@ class Stage:
     output: str
     cpu: str = "1"
     memory: str = "4Gi"
+    pool: Pool | None = None
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The components of the stage's Jobs: its own, then its pool's."""
+        return (self.name,) if self.pool is None else (self.name, self.pool.part)
 
 
 # What each post-processing stage keeps, in its output folder (cosmoforge.postprocess.KEPT).
 KEPT = "kept.parquet"
+# Checking processes per decontamination worker pod: its CPU request, not the node's cores.
+DECONTAM_WORKER_CPU = 2
+# A decontamination worker leaves after this long without a task. Longer than a task's ack wait
+# (60 s), so a range whose worker died is redelivered while the others are still there; the
+# operator replaces the pool if they all left while work remains.
+DECONTAM_IDLE_EXIT = 600
+
+
+def _decontaminate_stage(run: GenerationRun, platform: Platform, current: str) -> Stage:
+    """`cosmo decontaminate` as one Job, or, with `workers` > 1, a submitter beside a worker pool."""
+    root = run_root(run, platform)
+    decontam = run.spec.postprocess.decontaminate
+    if decontam.workers <= 1:
+        args: tuple[str, ...] = ("decontaminate", current, "--out", f"{root}/decontam")
+        for benchmark in decontam.benchmarks:
+            args += ("--benchmark", benchmark)
+        args += ("--ngram", str(decontam.ngram), "--threshold", str(decontam.threshold))
+        args += ("--min-block-chars", str(decontam.min_block_chars))
+        return Stage("decontaminate", Phase.decontaminating, args, f"{root}/decontam", "2", "8Gi")
+    # Both read the settings from <out>/<run>/spec.yaml, which the dispatcher writes for the run.
+    out, nats = output_uri(run, platform), platform.nats_url
+    submit: tuple[str, ...] = ("decontaminate-submit", "--nats", nats, "--run", run.name, "--out", out)
+    submit += ("--input", current, "--wait")
+    worker: tuple[str, ...] = ("decontaminate-worker", "--nats", nats, "--run", run.name, "--out", out)
+    worker += ("--workers", str(DECONTAM_WORKER_CPU), "--worker-id", "$(POD_NAME)")
+    worker += ("--idle-exit", str(DECONTAM_IDLE_EXIT))
+    pool = Pool("decontaminate-workers", decontam.workers, worker, cpu=str(DECONTAM_WORKER_CPU))
+    # The submitter plans (parquet footers only), queues the ranges and waits: little to do.
+    return Stage("decontaminate", Phase.decontaminating, submit, f"{root}/decontam", "250m", "1Gi", pool)
 
 
 def stages(run: GenerationRun, platform: Platform) -> list[Stage]:
@@ -504,14 +556,8 @@ def stages(run: GenerationRun, platform: Platform) -> list[Stage]:
         args += () if dedup.exact else ("--no-exact",)
         result.append(Stage("dedup", Phase.deduplicating, args, f"{root}/dedup", cpu="2", memory="8Gi"))
         current = f"{root}/dedup/{KEPT}"
-    decontam = spec.postprocess.decontaminate
-    if decontam.enabled:
-        args = ("decontaminate", current, "--out", f"{root}/decontam")
-        for benchmark in decontam.benchmarks:
-            args += ("--benchmark", benchmark)
-        args += ("--ngram", str(decontam.ngram), "--threshold", str(decontam.threshold))
-        args += ("--min-block-chars", str(decontam.min_block_chars))
-        result.append(Stage("decontaminate", Phase.decontaminating, args, f"{root}/decontam", "2", "8Gi"))
+    if spec.postprocess.decontaminate.enabled:
+        result.append(_decontaminate_stage(run, platform, current))
         current = f"{root}/decontam/{KEPT}"
     training = spec.training
     if training is not None and training.enabled:
@@ -540,8 +586,12 @@ def stages(run: GenerationRun, platform: Platform) -> list[Stage]:
     return result
 
 
+def _resources(cpu: str, memory: str) -> dict[str, Any]:
+    return {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory}}
+
+
 def stage_job(run: GenerationRun, platform: Platform, stage: Stage) -> Manifest:
-    resources = {"requests": {"cpu": stage.cpu, "memory": stage.memory}, "limits": {"memory": stage.memory}}
+    resources = _resources(stage.cpu, stage.memory)
     container = cosmo_container(stage.name, list(stage.args), platform, [], resources)
     meta = _metadata(run, stage.name, stage.name, platform)
     pod = cosmo_pod([container], platform, restartPolicy="Never")
@@ -555,6 +605,35 @@ def stage_job(run: GenerationRun, platform: Platform, stage: Stage) -> Manifest:
             "template": {"metadata": {"labels": dict(meta["labels"])}, "spec": pod},
         },
     }
+
+
+def pool_job(run: GenerationRun, platform: Platform, stage: Stage) -> Manifest | None:
+    """The stage's worker pool: a work-queue Job (`parallelism` pods, no completion count)."""
+    pool = stage.pool
+    if pool is None:
+        return None
+    env = [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
+    container = cosmo_container("worker", list(pool.args), platform, env, _resources(pool.cpu, pool.memory))
+    meta = _metadata(run, pool.part, pool.part, platform)
+    # A worker stops on SIGTERM after the range in hand; one cut short is redelivered anyway.
+    pod = cosmo_pod([container], platform, restartPolicy="Never", terminationGracePeriodSeconds=90)
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": meta,
+        "spec": {
+            "parallelism": pool.size,
+            # Failed pods are replaced; about two failures per worker fail the pool, and the stage.
+            "backoffLimit": 2 * pool.size,
+            "template": {"metadata": {"labels": dict(meta["labels"])}, "spec": pod},
+        },
+    }
+
+
+def stage_jobs(run: GenerationRun, platform: Platform, stage: Stage) -> list[Manifest]:
+    """The stage's Job, then its worker pool's if it has one: what starting the stage creates."""
+    pool = pool_job(run, platform, stage)
+    return [stage_job(run, platform, stage)] + ([pool] if pool is not None else [])
 
 
 # --- everything ---------------------------------------------------------------------------
@@ -581,4 +660,4 @@ def workloads(run: GenerationRun, platform: Platform, server_replicas: int) -> l
 def render_all(run: GenerationRun, platform: Platform) -> list[Manifest]:
     """Every manifest the operator would create for this run, Jobs included (`cosmo render`)."""
     docs = workloads(run, platform, initial_replicas(run))
-    return docs + [stage_job(run, platform, stage) for stage in stages(run, platform)]
+    return docs + [job for stage in stages(run, platform) for job in stage_jobs(run, platform, stage)]
