@@ -92,7 +92,9 @@ def register(subparsers: Any) -> None:
         description="Cut the run's decontamination input (dedup/kept.parquet, or dataset/) into row "
         "ranges, one NATS JetStream task each, with the settings of the run's "
         "spec.postprocess.decontaminate; the workers write <run>/decontam/ as `cosmo decontaminate` "
-        "does. Submitting again resumes: finished and queued ranges are not queued again.",
+        "does. Submitting again resumes: finished and queued ranges are not queued again, failed "
+        "ones are. With --wait, a range whose worker died on each of its --max-deliver deliveries "
+        "fails the command; the run's task stream is removed once the outputs are written.",
     )
     submit.add_argument("--out", required=True, help="the run's output URI (parent of the run folder)")
     submit.add_argument("--run", required=True, help="run name; the spec is read from <out>/<run>/spec.yaml")
@@ -154,7 +156,11 @@ def register(subparsers: Any) -> None:
     worker.add_argument("--workers", type=int, default=None, help="checking processes (default: every core)")
     worker.add_argument("--worker-id")
     worker.add_argument(
-        "--idle-exit", type=float, default=0.0, help="exit after this many seconds without a task (0: never)"
+        "--idle-exit",
+        type=float,
+        default=0.0,
+        help="exit after this many seconds without a task, counted from the first time the run's "
+        "queue was found (0: never)",
     )
     worker.add_argument("--log-format", choices=("text", "json"), default="text")
     worker.set_defaults(func=run_decontaminate_worker)
@@ -250,6 +256,8 @@ def run_decontaminate_submit(args: argparse.Namespace) -> int:
             replace=args.replan,
         )
         if decontam_worker.is_done(plan):
+            if args.nats:  # a submitter stopped before it removed the stage's stream
+                asyncio.run(decontam_worker.remove_stream_at(args.nats, args.run))
             print(f"already decontaminated: {plan.out}")
             return 0
         if args.spawn:
@@ -270,13 +278,14 @@ def run_decontaminate_submit(args: argparse.Namespace) -> int:
             decontam_worker.submit(args.nats, args.run, plan, args.ack_wait, args.max_deliver)
         )
         plan = submitted.plan
+        requeued = f" ({submitted.requeued} given up before)" if submitted.requeued else ""
         print(
             f"plan {plan.nonce}: {len(plan.tasks)} tasks over {plan.documents} documents; "
-            f"{submitted.published} queued now, {submitted.queued} already queued, "
+            f"{submitted.published} queued now{requeued}, {submitted.queued} already queued, "
             f"{submitted.finished} already done"
         )
         if args.wait:
-            report = decontam_worker.wait_done(plan, args.timeout)
+            report = decontam_worker.wait_done(plan, args.timeout, nats_url=args.nats, run=args.run)
             print(_summary_line(report, plan.out))
     except (decontam.DecontamError, OSError, TimeoutError) as error:
         return _fail("decontaminate-submit", error)

@@ -24,6 +24,11 @@ machines, the way generation is:
   the partials into `kept.parquet`, `removed.parquet`, `report.json` and `report.md`, exactly
   what `cosmo decontaminate` writes for the same input, then marks the plan done and deletes
   the partials. Finalizing is itself a task: if its worker dies, it is redelivered.
+- **waiting** (`wait_done`, `run_local`): until the plan is done, then the run's stream is
+  removed. A task that wrote an error fails the wait, and so does one JetStream gave up on
+  (`max_deliver` deliveries, none acked: its worker died each time), learnt from the server's
+  max-deliveries advisory, which the stream also keeps, or from the consumer's state
+  (`stranded`). Submitting again deletes such messages and queues their tasks again.
 
 The partial report of a range is its `decontam.Report` as JSON: what the final report needs
 and nothing per document that was clean (per benchmark, the removed documents and the item ids
@@ -52,7 +57,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -108,6 +113,11 @@ def stream_name(run: str) -> str:
 
 def tasks_subject(run: str) -> str:
     return f"cosmo.{run}.decontam"
+
+
+def advisory_subject(run: str) -> str:
+    """Where JetStream announces a task message it stopped delivering (`max_deliver` reached)."""
+    return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream_name(run)}.{CONSUMER}"
 
 
 # --- the plan ----------------------------------------------------------------------------------
@@ -446,7 +456,7 @@ def run_task(plan: Plan, task: Task, checker: decontam.Checker) -> dict[str, Any
     return summary
 
 
-def write_error(plan: Plan, task_id: str, error: Exception) -> None:
+def write_error(plan: Plan, task_id: str, error: Exception | str) -> None:
     out_store(plan.out).write_text(
         part(plan.nonce, task_id, "error.json"), json.dumps({"task": task_id, "error": str(error)})
     )
@@ -544,10 +554,14 @@ def read_report(plan: Plan) -> dict[str, Any]:
 async def ensure_topology(
     js: JetStreamContext, run: str, ack_wait: float = ACK_WAIT, max_deliver: int = MAX_DELIVER
 ) -> None:
-    """The run's task stream (work queue, file storage) and the workers' durable pull consumer."""
+    """The run's task stream (work queue, file storage) and the workers' durable pull consumer.
+
+    The stream also keeps the consumer's max-deliveries advisories (`advisory_subject`), which no
+    consumer takes: a submitter that was away when JetStream gave up on a task still finds out.
+    """
     config = StreamConfig(
         name=stream_name(run),
-        subjects=[tasks_subject(run)],
+        subjects=[tasks_subject(run), advisory_subject(run)],
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
         discard=DiscardPolicy.OLD,
@@ -570,6 +584,29 @@ async def ensure_topology(
         log.warning("keeping the existing %s consumer of %s: %s", CONSUMER, stream_name(run), error)
 
 
+async def remove_stream(js: JetStreamContext, run: str) -> None:
+    """Delete the run's task stream and with it the consumer: the stage is over."""
+    with contextlib.suppress(NotFoundError):
+        await js.delete_stream(stream_name(run))
+        log.info("removed the task stream %s", stream_name(run))
+
+
+async def remove_stream_at(nats_url: str, run: str) -> None:
+    """`remove_stream` on a server that may be gone: a leftover is removed when it can be, or kept."""
+    try:
+        nc = await nats.connect(nats_url, allow_reconnect=False, connect_timeout=5)
+    except Exception as error:
+        log.warning("could not reach %s to remove the task stream %s: %s", nats_url, stream_name(run), error)
+        return
+    try:
+        await remove_stream(nc.jetstream(), run)
+    except Exception as error:
+        log.warning("could not remove the task stream %s: %s", stream_name(run), error)
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
 def _message(kind: str, plan: Plan, task_id: str = "") -> bytes:
     return queue.encode({"kind": kind, "out": plan.out, "nonce": plan.nonce, "task": task_id})
 
@@ -587,24 +624,119 @@ async def _publish(js: JetStreamContext, run: str, data: bytes, msg_id: str, att
     raise AssertionError("unreachable")
 
 
+@dataclass(frozen=True)
+class TaskMessage:
+    """A task message still in the run's stream."""
+
+    seq: int
+    nonce: str
+    task: str  # "" for the finalize message
+
+
+def _task_message(msg: Any, run: str) -> TaskMessage | None:
+    if msg.subject != tasks_subject(run) or not msg.seq:
+        return None
+    try:
+        body = json.loads(msg.data or b"")
+        return TaskMessage(msg.seq, body["nonce"], body["task"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+async def task_messages(js: JetStreamContext, run: str, last: int | None = None) -> list[TaskMessage]:
+    """The task messages in the run's stream, in order, up to stream sequence `last`.
+
+    NotFoundError when the run has no stream.
+    """
+    stream, found = stream_name(run), []
+    info = await js.stream_info(stream)
+    seq, end = info.state.first_seq, info.state.last_seq if last is None else min(last, info.state.last_seq)
+    while info.state.messages and seq <= end:
+        try:
+            msg = await js.get_msg(stream, seq=seq, subject=tasks_subject(run), next=True)
+        except NotFoundError:
+            break
+        if (msg.seq or seq) > end:
+            break
+        message = _task_message(msg, run)
+        if message is not None:
+            found.append(message)
+        seq = (msg.seq or seq) + 1
+    return found
+
+
 async def queued(js: JetStreamContext, run: str) -> set[tuple[str, str]]:
     """(nonce, task id, or "" for finalize) of every message still in the run's task stream."""
-    found: set[tuple[str, str]] = set()
     try:
-        info = await js.stream_info(stream_name(run))
+        return {(message.nonce, message.task) for message in await task_messages(js, run)}
     except NotFoundError:
-        return found
-    seq, last = info.state.first_seq, info.state.last_seq
-    while info.state.messages and seq <= last:
+        return set()
+
+
+@dataclass(frozen=True)
+class Stranded:
+    """A task message JetStream will not deliver again: `deliveries` ended without an ack."""
+
+    message: TaskMessage
+    deliveries: int
+
+
+async def _stranded_at(js: JetStreamContext, run: str, seq: int, deliveries: int) -> Stranded | None:
+    """The task message at `seq` that an advisory named, while it is still in the stream."""
+    try:
+        message = _task_message(await js.get_msg(stream_name(run), seq=seq), run)
+    except NotFoundError:  # acknowledged late, deleted by a resubmission, or no stream any more
+        return None
+    return None if message is None else Stranded(message, deliveries)
+
+
+async def stranded(js: JetStreamContext, run: str) -> list[Stranded]:
+    """Every task message of the run's stream that JetStream gave up on (NotFoundError: no stream).
+
+    The server keeps no delivery count a client can read per message, so two signals are used:
+    the max-deliveries advisories the stream keeps (each names a message by its sequence), and
+    the consumer's state: when no delivered message waits for an ack, every task message
+    delivered so far that is still in the stream was given up (a work queue drops a message as
+    soon as it is acknowledged or terminated; undelivered ones lie past `delivered.stream_seq`).
+    """
+    stream = stream_name(run)
+    consumer = await js.consumer_info(stream, CONSUMER)  # first: what is published later lies past it
+    info = await js.stream_info(stream)
+    found: dict[int, Stranded] = {}
+    seq = info.state.first_seq
+    while info.state.messages and seq <= info.state.last_seq:
         try:
-            msg = await js.get_msg(stream_name(run), seq=seq, subject=tasks_subject(run), next=True)
+            msg = await js.get_msg(stream, seq=seq, subject=advisory_subject(run), next=True)
         except NotFoundError:
             break
         with contextlib.suppress(ValueError, KeyError, TypeError):
-            body = json.loads(msg.data or b"")
-            found.add((body["nonce"], body["task"]))
+            advisory = json.loads(msg.data or b"")
+            given_up = await _stranded_at(js, run, int(advisory["stream_seq"]), int(advisory["deliveries"]))
+            if given_up is not None:
+                found[given_up.message.seq] = given_up
         seq = (msg.seq or seq) + 1
-    return found
+    delivered = consumer.delivered.stream_seq if consumer.delivered else 0
+    if not consumer.num_ack_pending and delivered:
+        for message in await task_messages(js, run, last=delivered):
+            found.setdefault(message.seq, Stranded(message, consumer.config.max_deliver or 0))
+    return sorted(found.values(), key=lambda given_up: given_up.message.seq)
+
+
+async def _drop_stranded(js: JetStreamContext, run: str) -> list[TaskMessage]:
+    """Delete the messages JetStream gave up on and their advisories, so they can be queued again."""
+    dropped = []
+    for given_up in await stranded(js, run):
+        with contextlib.suppress(NotFoundError):
+            await js.delete_msg(stream_name(run), given_up.message.seq)
+            dropped.append(given_up.message)
+            log.info(
+                "dropped task %s of plan %s, given up after %d deliveries, to queue it again",
+                given_up.message.task or "finalize",
+                given_up.message.nonce,
+                given_up.deliveries,
+            )
+    await js.purge_stream(stream_name(run), subject=advisory_subject(run))
+    return dropped
 
 
 @dataclass
@@ -613,26 +745,35 @@ class Submitted:
     published: int = 0
     finished: int = 0
     queued: int = 0
+    requeued: int = 0  # tasks of the plan JetStream had given up on, queued again
     done: bool = False
 
 
 async def submit(
     nats_url: str, run: str, plan: Plan, ack_wait: float = ACK_WAIT, max_deliver: int = MAX_DELIVER
 ) -> Submitted:
-    """Store the plan (or resume the stored one) and queue every task neither done nor queued."""
+    """Store the plan (or resume the stored one) and queue every task neither done nor queued.
+
+    Failed tasks are retried: their error files are removed and the messages JetStream gave up
+    on are deleted, so both are queued again. A plan already finalized only has its leftover
+    stream removed.
+    """
     plan = await asyncio.to_thread(store_plan, plan)
     result = Submitted(plan)
     nc = await nats.connect(nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
     try:
         js = nc.jetstream()
-        await ensure_topology(js, run, ack_wait, max_deliver)
         if await asyncio.to_thread(is_done, plan):
+            await remove_stream(js, run)
             result.done = True
             return result
+        await ensure_topology(js, run, ack_wait, max_deliver)
         store = out_store(plan.out)
         for task_id in await asyncio.to_thread(task_errors, plan):  # a retry of failed tasks
             await asyncio.to_thread(store.remove, part(plan.nonce, task_id, "error.json"))
         finished = await asyncio.to_thread(finished_tasks, plan)
+        dropped = await _drop_stranded(js, run)
+        result.requeued = sum(1 for message in dropped if message.nonce == plan.nonce and message.task)
         waiting = {task for nonce, task in await queued(js, run) if nonce == plan.nonce}
         result.finished, result.queued = len(finished), len(waiting - {""})
         token = uuid.uuid4().hex[:8]  # a fresh id per submission; retries within it reuse it
@@ -653,6 +794,24 @@ class TaskFailed(decontam.DecontamError):
     """A task the workers gave up on (bad input or settings); resubmit once it is fixed."""
 
 
+class TaskGivenUp(TaskFailed):
+    """A task JetStream stopped delivering: every delivery ended without an ack (its worker died)."""
+
+
+def given_up_message(plan: Plan, given_up: Stranded) -> str:
+    """One line naming the task and what became of it."""
+    if given_up.message.task:
+        task = plan.task(given_up.message.task)
+        what = f"task {task.id} (rows {task.start}-{task.stop} of {task.uri})"
+    else:
+        what = f"the merge of plan {plan.nonce} ({len(plan.tasks)} ranges into {plan.out})"
+    return (
+        f"{what} was given up: its worker died (or stopped answering) on each of the "
+        f"{given_up.deliveries} deliveries, out of memory or crashed? See the workers' logs, then "
+        "submit again to retry it (with --replan and a lower --rows-per-task to cut it smaller)"
+    )
+
+
 def _raise_failed(plan: Plan) -> None:
     errors = task_errors(plan)
     if errors:
@@ -660,18 +819,138 @@ def _raise_failed(plan: Plan) -> None:
         raise TaskFailed(f"task {task_id} failed: {message}")
 
 
-def wait_done(plan: Plan, timeout: float | None = None, interval: float = 0.5) -> dict[str, Any]:
-    """Block until the plan is finalized (returns the report) or a task failed (TaskFailed)."""
+class _Watch:
+    """What JetStream says about the tasks of a plan being waited for: those it gave up on.
+
+    The live advisories are heard from the moment `open` returns; the stream's stored ones and the
+    consumer's state (`stranded`) are read at the first check and every `FULL_CHECK_SECONDS`,
+    which covers a submitter that started, or reconnected, after JetStream gave up.
+    """
+
+    FULL_CHECK_SECONDS = 10.0
+
+    def __init__(self, run: str, plan: Plan) -> None:
+        self.run, self.plan = run, plan
+        self.nc: Any = None
+        self.advised: list[tuple[int, int]] = []  # (stream sequence, deliveries) from live advisories
+        self.next_full_check = 0.0
+        self.troubled = False
+        self.closing = False
+
+    @classmethod
+    async def open(cls, nats_url: str, run: str, plan: Plan) -> _Watch:
+        watch = cls(run, plan)
+        watch.nc = await nats.connect(
+            nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5, error_cb=watch._trouble
+        )
+        await watch.nc.subscribe(advisory_subject(run), cb=watch._advisory)
+        return watch
+
+    @property
+    def js(self) -> JetStreamContext:
+        return self.nc.jetstream()
+
+    async def _trouble(self, error: Exception) -> None:
+        if not self.closing:
+            log.warning("nats: %s (%s)", error or "connection error", type(error).__name__)
+
+    async def _advisory(self, msg: Msg) -> None:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            advisory = json.loads(msg.data)
+            self.advised.append((int(advisory["stream_seq"]), int(advisory["deliveries"])))
+
+    async def check(self) -> None:
+        """Raise TaskGivenUp when JetStream gave up on a task of the plan that is not finished."""
+        candidates: list[Stranded] = []
+        try:
+            while self.advised:
+                given_up = await _stranded_at(self.js, self.run, *self.advised[0])
+                self.advised.pop(0)
+                candidates += [given_up] if given_up is not None else []
+            if time.monotonic() >= self.next_full_check:
+                candidates += await stranded(self.js, self.run)
+                self.next_full_check = time.monotonic() + self.FULL_CHECK_SECONDS
+        except NotFoundError:  # no stream or no consumer: only a finished plan's is ever removed
+            if not await asyncio.to_thread(is_done, self.plan):
+                raise decontam.DecontamError(
+                    f"the task stream {stream_name(self.run)} or its consumer was removed before "
+                    f"plan {self.plan.nonce} finished; submit again"
+                ) from None
+            return
+        except (NatsError, OSError) as error:  # the server is away: storage still tells when it is done
+            if not self.troubled:
+                log.warning("cannot ask JetStream about the tasks (%s); still waiting", error)
+            self.troubled = True
+            return
+        self.troubled = False
+        mine = [c for c in candidates if c.message.nonce == self.plan.nonce]
+        if not mine:
+            return
+        # Read after JetStream: a task's partials, and the plan's done.json, are written before
+        # the ack that removes its message, so a message seen just before it left is not counted.
+        finished = await asyncio.to_thread(finished_tasks, self.plan)
+        for given_up in mine:
+            if given_up.message.task not in finished and not await asyncio.to_thread(is_done, self.plan):
+                raise TaskGivenUp(given_up_message(self.plan, given_up))
+
+    async def close(self, stage_over: bool) -> None:
+        try:
+            if stage_over:
+                with contextlib.suppress(NatsError, OSError):
+                    await remove_stream(self.js, self.run)
+        finally:
+            self.closing = True
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+
+
+async def _wait(
+    plan: Plan,
+    timeout: float | None,
+    interval: float,
+    nats_url: str | None,
+    run: str | None,
+    tick: Callable[[], None] | None = None,
+) -> dict[str, Any]:
     deadline = None if timeout is None else time.monotonic() + timeout
-    while not is_done(plan):
-        _raise_failed(plan)
-        if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError(
-                f"decontamination not finished after {timeout:.0f}s: "
-                f"{len(finished_tasks(plan))} of {len(plan.tasks)} tasks done"
-            )
-        time.sleep(interval)
+    # Listen to JetStream before the first look at storage: no advisory falls in between.
+    watch = await _Watch.open(nats_url, run, plan) if nats_url and run else None
+    finished = False
+    try:
+        while not await asyncio.to_thread(is_done, plan):
+            await asyncio.to_thread(_raise_failed, plan)
+            if watch is not None:
+                await watch.check()
+            if deadline is not None and time.monotonic() > deadline:
+                done = len(await asyncio.to_thread(finished_tasks, plan))
+                raise TimeoutError(
+                    f"decontamination not finished after {timeout:.0f}s: "
+                    f"{done} of {len(plan.tasks)} tasks done"
+                )
+            if tick is not None:
+                tick()
+            await asyncio.sleep(interval)
+        finished = True
+    finally:
+        if watch is not None:
+            await watch.close(stage_over=finished)
     return read_report(plan)
+
+
+def wait_done(
+    plan: Plan,
+    timeout: float | None = None,
+    interval: float = 0.5,
+    *,
+    nats_url: str | None = None,
+    run: str | None = None,
+) -> dict[str, Any]:
+    """Block until the plan is finalized (returns the report) or a task failed (TaskFailed).
+
+    With `nats_url` and `run`, a task JetStream gave up on fails the wait too (TaskGivenUp), and
+    the run's task stream is removed once the plan is finalized.
+    """
+    return asyncio.run(_wait(plan, timeout, interval, nats_url, run))
 
 
 # --- the worker ----------------------------------------------------------------------------------
@@ -687,8 +966,9 @@ class WorkerConfig:
     run: str
     processes: int | None = None  # decontam.Checker processes; None: every core
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    idle_exit: float = 0.0  # exit after this many seconds without a task (0: never)
+    idle_exit: float = 0.0  # exit after this many seconds without a task, once bound (0: never)
     ack_wait: float = ACK_WAIT  # replaced by the consumer's own setting once connected
+    max_deliver: int = MAX_DELIVER  # likewise
 
 
 class Stale(Exception):
@@ -704,6 +984,7 @@ class Worker:
         self.closing = False
         self.tasks_done = 0
         self._signals = False
+        self._idle_since: float | None = None  # since the last task; None until first bound
         self._settings: Settings | None = None
         self._checker: decontam.Checker | None = None
         if settings is not None:
@@ -776,9 +1057,12 @@ class Worker:
         )
         try:
             js = nc.jetstream()
-            sub = await self._subscribe(js)
-            if sub is not None:
-                await self._pull(js, sub)
+            while not self.stopping.is_set():
+                sub = await self._subscribe(js)
+                if sub is None or not await self._pull(js, sub):
+                    break
+                with contextlib.suppress(Exception):  # the consumer is gone: wait for a new one
+                    await sub.unsubscribe()
         finally:
             self.closing = True
             with contextlib.suppress(Exception):
@@ -792,39 +1076,78 @@ class Worker:
         if not self.closing:
             log.warning("nats: disconnected; reconnecting")
 
+    def _idle_too_long(self) -> bool:
+        if not self.config.idle_exit or self._idle_since is None:
+            return False
+        if time.monotonic() - self._idle_since <= self.config.idle_exit:
+            return False
+        log.info("idle for %.0fs: exiting", self.config.idle_exit)
+        return True
+
     async def _subscribe(self, js: JetStreamContext) -> Any:
-        """Bind to the consumer, waiting for the submitter to create it (the topology is not ours)."""
+        """Bind to the consumer, waiting for the submitter to create it (the topology is not ours).
+
+        None when stopped, or when `idle_exit` passed without a task since the worker last held one
+        (a stage's stream is removed once it is finalized: its workers leave in their own time).
+        """
         stream = stream_name(self.config.run)
-        while not self.stopping.is_set():
+        waiting = False
+        while not self.stopping.is_set() and not self._idle_too_long():
             try:
                 consumer = await js.consumer_info(stream, CONSUMER)
-            except Exception as error:  # not created yet, or the server is restarting
-                log.info("waiting for the %s consumer of %s (%s)", CONSUMER, stream, type(error).__name__)
+                sub = await js.pull_subscribe_bind(durable=CONSUMER, stream=stream)
+            except Exception as error:  # not created yet, removed, or the server is restarting
+                if not waiting:
+                    log.info("waiting for the %s consumer of %s (%s)", CONSUMER, stream, type(error).__name__)
+                    waiting = True
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), 1.0)
                 continue
             if consumer.config.ack_wait:
                 self.config.ack_wait = float(consumer.config.ack_wait)
-            return await js.pull_subscribe_bind(durable=CONSUMER, stream=stream)
+            if consumer.config.max_deliver:
+                self.config.max_deliver = consumer.config.max_deliver
+            if self._idle_since is None:
+                self._idle_since = time.monotonic()
+            log.info(
+                "bound to the %s consumer of %s (ack wait %.0fs, %d deliveries at most)",
+                CONSUMER, stream, self.config.ack_wait, self.config.max_deliver,
+            )  # fmt: skip
+            return sub
         return None
 
-    async def _pull(self, js: JetStreamContext, sub: Any) -> None:
-        idle_since = time.monotonic()
+    async def _consumer_gone(self, js: JetStreamContext) -> bool:
+        try:
+            await js.consumer_info(stream_name(self.config.run), CONSUMER)
+        except NotFoundError:
+            return True
+        except Exception:  # the server is away: not a sign the consumer is
+            return False
+        return False
+
+    async def _pull(self, js: JetStreamContext, sub: Any) -> bool:
+        """Take tasks until stopped or idle too long (False), or until the consumer is gone (True)."""
         while not self.stopping.is_set():
             try:
                 messages = await sub.fetch(batch=1, timeout=1.0)
             except (TimeoutError, NatsTimeout):
-                if self.config.idle_exit and time.monotonic() - idle_since > self.config.idle_exit:
-                    log.info("idle for %.0fs: exiting", self.config.idle_exit)
-                    return
+                if self._idle_too_long():
+                    return False
                 continue
-            except Exception as error:  # connection lost or server restarting: wait and pull again
+            except Exception as error:  # the consumer removed, or the server away: find out which
+                if await self._consumer_gone(js):
+                    log.info(
+                        "the %s consumer of %s is gone (its stage is over, or it was removed)",
+                        CONSUMER, stream_name(self.config.run),
+                    )  # fmt: skip
+                    return True
                 log.warning("fetch failed (%s); retrying", error)
                 await asyncio.sleep(0.5)
                 continue
             for msg in messages:
                 await self._handle(js, msg)
-            idle_since = time.monotonic()
+            self._idle_since = time.monotonic()
+        return False
 
     async def _heartbeat(self, msg: Msg) -> None:
         while True:
@@ -851,7 +1174,7 @@ class Worker:
                 await self._finalize(plan, delivered)
             else:
                 await self._task(js, plan, plan.task(task_id), delivered)
-            await msg.ack_sync()
+            await self._ack(msg, plan, task_id)
         except Stale:
             log.info("dropping task %s of replaced plan %s", task_id or "finalize", nonce)
             await _settle(msg.ack())
@@ -867,10 +1190,31 @@ class Worker:
             )
             await _settle(msg.nak(delay=5.0))
         except Exception as error:  # storage trouble or a bug: another delivery, after a pause
-            log.error("task %s: %s; handing it back", task_id or "finalize", error, exc_info=error)
-            await _settle(msg.nak(delay=5.0))
+            name = task_id or "finalize"
+            if plan is None or not 0 < self.config.max_deliver <= delivered:
+                log.error("task %s: %s; handing it back", name, error, exc_info=error)
+                await _settle(msg.nak(delay=5.0))
+                return
+            # JetStream would drop it without a word: say why, for the submitter, and let it go.
+            log.error("task %s: %s on its last delivery; giving up", name, error, exc_info=error)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(
+                    write_error, plan, name, f"{error} (on delivery {delivered}, the last)"
+                )
+            await _settle(msg.term())
         finally:
             beat.cancel()
+
+    async def _ack(self, msg: Msg, plan: Plan, task_id: str) -> None:
+        try:
+            await msg.ack_sync()
+        except NatsError:
+            if not await asyncio.to_thread(is_done, plan):
+                raise
+            # The submitter removes the stream once the plan is finalized, maybe before this ack.
+            log.info(
+                "task %s: plan %s is finalized and its stream removed", task_id or "finalize", plan.nonce
+            )
 
     async def _task(self, js: JetStreamContext, plan: Plan, task: Task, delivered: int) -> None:
         extra = {"worker": self.config.worker_id, "task": task.id}
@@ -965,7 +1309,8 @@ def run_local(
     """Submit, run `workers` worker processes here until the plan is done, return the report.
 
     Without `nats_url` an embedded nats-server is started for the job. By default the cores are
-    shared out between the workers (each gets cores / workers checking processes).
+    shared out between the workers (each gets cores / workers checking processes). A dead worker
+    is restarted; a task JetStream gave up on fails it, as it fails `wait_done`.
     """
     processes = processes or max(1, decontam.default_workers() // workers)
     with contextlib.ExitStack() as stack:
@@ -993,16 +1338,13 @@ def run_local(
         stack.callback(stop_children)
         for number in range(workers):
             children.append(subprocess.Popen(worker_command(nats_url, run, processes, f"local-{number}")))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not is_done(plan):
-            _raise_failed(plan)
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"decontamination not finished after {timeout:.0f}s")
-            for number, child in enumerate(children):  # a dead worker is replaced, as a Deployment would
+
+        def restart_dead() -> None:  # a dead worker is replaced, as a Deployment would
+            for number, child in enumerate(children):
                 if child.poll() is not None:
                     log.warning("worker local-%d exited with %s; restarting it", number, child.returncode)
                     children[number] = subprocess.Popen(
                         worker_command(nats_url, run, processes, f"local-{number}")
                     )
-            time.sleep(0.5)
-        return read_report(plan)
+
+        return asyncio.run(_wait(plan, timeout, 0.5, nats_url, run, restart_dead))

@@ -2,20 +2,23 @@
 
 Everything here is real: parquet shards on disk, the benchmark files the other decontamination
 tests use, nats-server with JetStream file storage, `cosmo decontaminate-worker` processes
-killed with SIGKILL while they hold a task, and nats-server restarted under a worker. The
-reference for every merged output is `cosmo decontaminate` (`decontaminate_dataset`) on the same
-input in one process: same kept and removed rows, same report.json bytes, same report.md.
+killed with SIGKILL while they hold a task (or killing themselves on one range every time), and
+nats-server restarted under a worker. The reference for every merged output is
+`cosmo decontaminate` (`decontaminate_dataset`) on the same input in one process: same kept and
+removed rows, same report.json bytes, same report.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import random
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -437,3 +440,211 @@ async def test_heartbeats_keep_a_task_longer_than_ack_wait_with_its_worker(
         for worker in workers:
             worker.close()
     assert sorted(worker.tasks_done for worker in workers) == [0, 1]  # one delivery, one worker
+
+
+# A worker that dies the way the kernel's OOM killer ends one: SIGKILL, no cleanup, no ack. It is
+# the real `cosmo decontaminate-worker`, with `run_task` wrapped to kill its own process when it
+# is handed the range named first on its command line.
+KILLED_BY_ONE_RANGE = """
+import os, signal, sys
+from cosmoforge import cli, decontam_worker
+doomed, checked = sys.argv[1], decontam_worker.run_task
+def run_task(plan, task, checker):
+    if task.id == doomed:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return checked(plan, task, checker)
+decontam_worker.run_task = run_task
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def write_run(output: Path, run: str, files: int, rows: int) -> list[str]:
+    """A run folder whose spec decontaminates its dataset/ (no dedup) against BENCHMARKS."""
+    from conftest import small_run
+    from cosmoforge.spec import dump_run, parse_run
+
+    document = small_run(run)
+    document["spec"]["postprocess"] = {
+        "dedup": {"enabled": False},
+        "decontaminate": {"benchmarks": list(BENCHMARKS)},
+    }
+    ids = write_dataset(output / run / "dataset", files=files, rows=rows, seed=11)
+    (output / run / "spec.yaml").write_text(dump_run(parse_run(document)))
+    return ids
+
+
+async def _stream_state(url: str, run: str) -> int | None:
+    """Messages in the run's task stream; None when there is no stream."""
+    import nats
+    from nats.js.errors import NotFoundError
+
+    nc = await nats.connect(url)
+    try:
+        return (await nc.jetstream().stream_info(decontam_worker.stream_name(run))).state.messages
+    except NotFoundError:
+        return None
+    finally:
+        await nc.close()
+
+
+async def _forget_advisories(url: str, run: str) -> None:
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        stream = decontam_worker.stream_name(run)
+        await nc.jetstream().purge_stream(stream, subject=decontam_worker.advisory_subject(run))
+    finally:
+        await nc.close()
+
+
+def wait_for_line(log: Path, text: str, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("replan", [False, True])
+def test_a_range_that_kills_its_worker_fails_the_wait_and_a_resubmission_finishes(
+    tmp_path: Path, nats_server: EmbeddedNats, replan: bool
+) -> None:
+    output, run = tmp_path / "output", "oom"
+    ids = write_run(output, run, files=2, rows=60)
+    one_process(output / run / "dataset", tmp_path / "reference")
+    submit_command = [*COSMO, "decontaminate-submit", "--nats", nats_server.url, "--out", str(output)]
+    submit_command += ["--run", run, "--wait", "--timeout", "240"]
+    # Four ranges (0-40, 40-60 of each file); the first of the second file kills every worker.
+    started = time.monotonic()
+    submitter = subprocess.Popen(
+        [*submit_command, "--rows-per-task", "40", "--ack-wait", "1", "--max-deliver", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    doomed_command = [sys.executable, "-c", KILLED_BY_ONE_RANGE, "t000002", "decontaminate-worker"]
+    doomed_command += ["--nats", nats_server.url, "--run", run, "--workers", "1"]
+    deaths: list[int] = []
+    doomed_log = (tmp_path / "doomed.log").open("ab")
+    worker = subprocess.Popen(doomed_command, stdout=doomed_log, stderr=subprocess.STDOUT)
+    try:
+        while submitter.poll() is None:  # a Job's pod: replaced whenever it dies
+            assert time.monotonic() - started < 300, "the submitter never returned"
+            if worker.poll() is not None:
+                deaths.append(worker.returncode)
+                worker = subprocess.Popen(doomed_command, stdout=doomed_log, stderr=subprocess.STDOUT)
+            time.sleep(0.05)
+        stdout, stderr = submitter.communicate()
+        elapsed = time.monotonic() - started
+    finally:
+        if submitter.poll() is None:
+            submitter.kill()
+        stop(worker)
+        doomed_log.close()
+    assert submitter.returncode == 2, stderr.decode() + (tmp_path / "doomed.log").read_text()
+    lines = stderr.decode().strip().splitlines()
+    assert len(lines) == 1, stderr.decode()
+    assert re.fullmatch(
+        r"cosmo decontaminate-submit: error: task t000002 \(rows 0-40 of \S+/data-00001-of-00002\.parquet\) "
+        r"was given up: its worker died \(or stopped answering\) on each of the 2 deliveries, .*",
+        lines[-1],
+    ), stderr.decode()
+    assert elapsed < 120, elapsed  # JetStream's word, not the --timeout of 240 s
+    assert deaths == [-signal.SIGKILL, -signal.SIGKILL]  # one per delivery, then no more
+    assert b"4 queued now" in stdout
+
+    # A submitter that starts waiting after JetStream gave up still finds out: from the advisory
+    # the stream keeps, and without it, from the consumer's state.
+    plan = decontam_worker.load_plan(str(output / run / "decontam"))
+    assert plan is not None
+    for forget in (False, True):
+        if forget:
+            asyncio.run(_forget_advisories(nats_server.url, run))
+        with pytest.raises(
+            decontam_worker.TaskGivenUp, match=r"^task t000002 \(rows 0-40 of .* 2 deliveries"
+        ):
+            decontam_worker.wait_done(plan, timeout=60, nats_url=nats_server.url, run=run)
+    assert asyncio.run(_stream_state(nats_server.url, run)) == 1  # the stranded range, still there
+
+    # Fixed (here: no more fault), a resubmission queues that range again and finishes; with
+    # --replan, a new plan cut smaller, past the old plan's stranded message.
+    healthy, healthy_log = worker_process(tmp_path, nats_server.url, run, "healthy", "--workers", "1")
+    try:
+        again = subprocess.run(
+            [*submit_command, *(["--replan", "--rows-per-task", "20"] if replan else [])],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert again.returncode == 0, again.stderr
+        queued = (
+            "6 queued now, 0 already queued, 0"
+            if replan
+            else "1 queued now (1 given up before), 0 already queued, 3"
+        )
+        assert f"{queued} already done" in again.stdout
+        assert_same_outputs(output / run / "decontam", tmp_path / "reference", ids)
+        assert asyncio.run(_stream_state(nats_server.url, run)) is None  # the stage's stream is removed
+        # The worker that was waiting on it says so and waits for another, until stopped.
+        wait_for_line(healthy_log, "consumer of COSMO_OOM_DECONTAM is gone", healthy)
+        wait_for_line(healthy_log, "waiting for the decontaminators consumer", healthy)
+    finally:
+        stopped = stop(healthy)
+    log = healthy_log.read_text()
+    assert stopped == 0 and "Traceback" not in log and "fetch failed" not in log, log
+    assert processes_mentioning(nats_server.url) == []
+
+
+async def test_an_idle_worker_leaves_cleanly_when_its_stage_stream_is_removed(
+    nats_server: EmbeddedNats, caplog: pytest.LogCaptureFixture
+) -> None:
+    import nats
+
+    caplog.set_level("INFO", logger="cosmoforge.decontam_worker")
+    nc = await nats.connect(nats_server.url)
+    try:
+        await decontam_worker.ensure_topology(nc.jetstream(), "leave", ack_wait=1.0)
+        worker = decontam_worker.Worker(
+            decontam_worker.WorkerConfig(nats_server.url, "leave", processes=1, idle_exit=2.0)
+        )
+        running = asyncio.create_task(worker.run())
+        deadline = time.monotonic() + 30
+        while "bound to the decontaminators consumer" not in caplog.text:
+            assert time.monotonic() < deadline and not running.done()
+            await asyncio.sleep(0.02)
+        await decontam_worker.remove_stream(nc.jetstream(), "leave")
+        await asyncio.wait_for(running, 30)  # it waits for another consumer, then idles out
+    finally:
+        await nc.close()
+    assert "consumer of COSMO_LEAVE_DECONTAM is gone" in caplog.text
+    assert "idle for 2s: exiting" in caplog.text
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_a_range_failing_on_every_delivery_fails_the_wait_with_its_error(
+    tmp_path: Path, nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_dataset(tmp_path / "dataset", files=1, rows=20)
+    plan = decontam_worker.make_plan(str(tmp_path / "dataset"), str(tmp_path / "out"), SETTINGS)
+
+    def failing(plan: Plan, task: decontam_worker.Task, checker: decontam.Checker) -> dict[str, Any]:
+        raise OSError("no space left on device")  # storage trouble: worth another delivery, not more
+
+    monkeypatch.setattr(decontam_worker, "run_task", failing)
+    submitted = await decontam_worker.submit(nats_server.url, "full", plan, ack_wait=1.0, max_deliver=2)
+    worker = decontam_worker.Worker(
+        decontam_worker.WorkerConfig(nats_server.url, "full", processes=1), SETTINGS
+    )
+    running = asyncio.create_task(worker.run())
+    try:
+        with pytest.raises(
+            decontam_worker.TaskFailed,
+            match=r"^task t000000 failed: no space left on device \(on delivery 2, the last\)$",
+        ):
+            await asyncio.to_thread(
+                decontam_worker.wait_done, submitted.plan, 60, nats_url=nats_server.url, run="full"
+            )
+    finally:
+        worker.stop()
+        await running
+        worker.close()
