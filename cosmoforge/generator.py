@@ -143,6 +143,8 @@ class Worker:
         self.stopping.set()
 
     async def run(self) -> None:
+        # A pod may start before NATS answers: the connection is retried for as long as it takes.
+        log.info("connecting to NATS at %s", self.config.nats_url)
         nc = await nats.connect(
             self.config.nats_url,
             max_reconnect_attempts=-1,

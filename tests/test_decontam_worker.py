@@ -648,3 +648,26 @@ async def test_a_range_failing_on_every_delivery_fails_the_wait_with_its_error(
         worker.stop()
         await running
         worker.close()
+
+
+def test_a_worker_waits_for_nats_and_stops_on_sigterm_before_it_answers(tmp_path: Path) -> None:
+    # A pod can start before NATS does: the worker says where it connects, keeps trying, and a
+    # SIGTERM in the meantime (a rollout, a drained node) ends it cleanly.
+    log = tmp_path / "worker.log"
+    with log.open("wb") as handle:
+        worker = subprocess.Popen(
+            [*COSMO, "decontaminate-worker", "--nats", "nats://127.0.0.1:9", "--run", "later"],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while "Connect call failed" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert "connecting to NATS at nats://127.0.0.1:9" in log.read_text()
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(timeout=30) == 0
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+    assert "Traceback" not in log.read_text()

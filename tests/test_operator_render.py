@@ -353,6 +353,16 @@ def _decontaminate_jobs(workers: int | None) -> list[dict[str, Any]]:
     return stage_jobs(run, PLATFORM, stage)
 
 
+def test_bad_input_fails_a_stage_at_once_and_evictions_do_not_count() -> None:
+    # Every cosmo command exits 2 for bad input or settings: retrying cannot help.
+    for job in _decontaminate_jobs(3):
+        (container,) = job["spec"]["template"]["spec"]["containers"]
+        fail, ignore = job["spec"]["podFailurePolicy"]["rules"]
+        assert fail["action"] == "FailJob"
+        assert fail["onExitCodes"] == {"containerName": container["name"], "operator": "In", "values": [2]}
+        assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+
+
 def test_one_decontamination_worker_is_the_single_job_as_before() -> None:
     assert _decontaminate_jobs(None) == _decontaminate_jobs(1)
     (job,) = _decontaminate_jobs(1)

@@ -590,6 +590,23 @@ def _resources(cpu: str, memory: str) -> dict[str, Any]:
     return {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory}}
 
 
+USER_ERROR_EXIT = 2  # every cosmo command exits 2 for bad input or settings
+
+
+def _pod_failure_policy(container: str) -> dict[str, Any]:
+    # Bad input fails the same way on every try: fail at once, with the pod's one-line message,
+    # instead of retrying. An evicted or preempted pod is not the command's fault: not counted.
+    return {
+        "rules": [
+            {
+                "action": "FailJob",
+                "onExitCodes": {"containerName": container, "operator": "In", "values": [USER_ERROR_EXIT]},
+            },
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+        ]
+    }
+
+
 def stage_job(run: GenerationRun, platform: Platform, stage: Stage) -> Manifest:
     resources = _resources(stage.cpu, stage.memory)
     container = cosmo_container(stage.name, list(stage.args), platform, [], resources)
@@ -602,6 +619,7 @@ def stage_job(run: GenerationRun, platform: Platform, stage: Stage) -> Manifest:
         "spec": {
             # A stage that fails twice more fails the run; no TTL: the operator reads the Job's end.
             "backoffLimit": 2,
+            "podFailurePolicy": _pod_failure_policy(stage.name),
             "template": {"metadata": {"labels": dict(meta["labels"])}, "spec": pod},
         },
     }
@@ -625,6 +643,7 @@ def pool_job(run: GenerationRun, platform: Platform, stage: Stage) -> Manifest |
             "parallelism": pool.size,
             # Failed pods are replaced; about two failures per worker fail the pool, and the stage.
             "backoffLimit": 2 * pool.size,
+            "podFailurePolicy": _pod_failure_policy("worker"),
             "template": {"metadata": {"labels": dict(meta["labels"])}, "spec": pod},
         },
     }
