@@ -72,10 +72,6 @@ from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
-    DiscardPolicy,
-    RetentionPolicy,
-    StorageType,
-    StreamConfig,
 )
 from nats.js.errors import NotFoundError
 
@@ -559,18 +555,7 @@ async def ensure_topology(
     The stream also keeps the consumer's max-deliveries advisories (`advisory_subject`), which no
     consumer takes: a submitter that was away when JetStream gave up on a task still finds out.
     """
-    config = StreamConfig(
-        name=stream_name(run),
-        subjects=[tasks_subject(run), advisory_subject(run)],
-        retention=RetentionPolicy.WORK_QUEUE,
-        storage=StorageType.FILE,
-        discard=DiscardPolicy.OLD,
-        duplicate_window=queue.DUPLICATE_WINDOW_SECONDS,
-    )
-    try:
-        await js.add_stream(config)
-    except Exception:
-        await js.update_stream(config)
+    await queue.ensure_work_queue(js, stream_name(run), [tasks_subject(run), advisory_subject(run)])
     consumer = ConsumerConfig(
         durable_name=CONSUMER,
         ack_policy=AckPolicy.EXPLICIT,

@@ -51,10 +51,11 @@ def events_subject(run: str) -> str:
     return f"cosmo.{run}.events"
 
 
-async def ensure_stream(js: JetStreamContext, run: str) -> None:
+async def ensure_work_queue(js: JetStreamContext, name: str, subjects: list[str]) -> None:
+    """A work-queue stream on disk, with the duplicate window that makes publishing idempotent."""
     config = StreamConfig(
-        name=stream_name(run),
-        subjects=[prompts_subject(run)],
+        name=name,
+        subjects=subjects,
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
         discard=DiscardPolicy.OLD,
@@ -64,6 +65,10 @@ async def ensure_stream(js: JetStreamContext, run: str) -> None:
         await js.add_stream(config)
     except Exception:
         await js.update_stream(config)
+
+
+async def ensure_stream(js: JetStreamContext, run: str) -> None:
+    await ensure_work_queue(js, stream_name(run), [prompts_subject(run)])
 
 
 async def ensure_consumer(
