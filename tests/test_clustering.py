@@ -3,8 +3,10 @@ chat model (SmolLM2-135M on llama.cpp) behind a real HTTP server on a loopback p
 
 The corpus in tests/data/clustering/subjects.jsonl is ours: ten short texts on each of four
 clearly different subjects, so "documents on different subjects land in different clusters" is
-a fact the test can check. A 135M model does not give sensible topic names, so the labelling
-tests assert on parsing, retries and the shape of what is recorded, not on the words.
+a fact the test can check. Labelling goes through the embedded model server with the label
+schema as structured output, so every cluster gets a topic and a score (the words a 135M model
+picks are not asserted); a plain HTTP server over the same model, which ignores or refuses the
+structured-output field, pins parsing, retries, the fallback and the shape of what is recorded.
 """
 
 from __future__ import annotations
@@ -43,15 +45,19 @@ from cosmoforge.clustering.kmeans import (
     smooth_by_neighbours,
 )
 from cosmoforge.clustering.label import (
+    LABEL_SCHEMA,
     ChatClient,
     EndpointError,
     LabelParseError,
     LabelResult,
+    build_messages,
     chat_url,
     excluded_by,
     keep_decision,
     label_cluster,
     parse_label,
+    refuses_structured_output,
+    response_format,
 )
 from cosmoforge.clustering.pipeline import (
     ClusterConfig,
@@ -145,9 +151,39 @@ def test_a_malformed_answer_is_sent_back_with_a_reminder() -> None:
 
     result = label_cluster(["Jupiter is a gas giant."], complete, attempts=3, wait_seconds=0)
     assert (result.topic, result.score, result.attempts, result.error) == ("Astronomy", 9.0, 2, None)
-    assert len(seen[0]) == 2 and len(seen[1]) == 4
-    assert seen[1][2] == {"role": "assistant", "content": "I think these are about space."}
-    assert "could not be read (no topic)" in seen[1][3]["content"]
+    base = len(build_messages(["Jupiter is a gas giant."]))
+    assert len(seen[0]) == base and len(seen[1]) == base + 2 and seen[1][:base] == seen[0]
+    assert seen[1][base] == {"role": "assistant", "content": "I think these are about space."}
+    assert "could not be read (no topic)" in seen[1][base + 1]["content"]
+
+
+def test_the_prompt_shows_worked_examples_before_the_cluster() -> None:
+    messages = build_messages(["Jupiter is a gas giant.", "x" * 900], max_chars=100)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
+    for answer in (messages[2], messages[4]):
+        example = json.loads(answer["content"])
+        assert set(example) == {"topic", "educational_score"}
+        assert 0 <= example["educational_score"] <= 10
+    last = messages[-1]["content"]
+    assert "Extract 1: Jupiter is a gas giant." in last and "Extract 2: " + "x" * 99 + "…\n" in last
+
+
+def test_structured_output_is_spelled_for_the_engine() -> None:
+    assert response_format("tgi") == {"type": "json_object", "value": LABEL_SCHEMA}
+    assert response_format("embedded") == {"type": "json_object", "value": LABEL_SCHEMA}
+    for engine in ("openai", "vllm"):
+        assert response_format(engine) == {
+            "type": "json_schema",
+            "json_schema": {"name": "cluster_label", "schema": LABEL_SCHEMA, "strict": True},
+        }
+    assert LABEL_SCHEMA["required"] == ["topic", "educational_score"]
+    assert LABEL_SCHEMA["additionalProperties"] is False
+    # Refusals of the field (TGI without grammar support, OpenAI's schema check) versus others.
+    assert refuses_structured_output(422, '{"error":"Input validation error: grammar is not supported"}')
+    assert refuses_structured_output(400, "Invalid schema for response_format 'cluster_label'")
+    assert not refuses_structured_output(422, "Input validation error: inputs tokens must be <= 2048")
+    assert not refuses_structured_output(404, "no route response_format")
+    assert not refuses_structured_output(500, "grammar compilation crashed")
 
 
 def test_keep_rule() -> None:
@@ -414,8 +450,9 @@ def test_missing_input_is_a_clear_error(tmp_path: Path, embedder: Any) -> None:
 class ChatServer:
     """SmolLM2-135M (llama.cpp) answering OpenAI-style chat completions on a loopback port.
 
-    `faults` holds HTTP statuses to answer the next requests with, to exercise the client's
-    handling of a server that is briefly unhealthy.
+    A server without structured output: it ignores `response_format`, or refuses it with TGI's
+    422 when `refuse_structured` is set. `faults` holds HTTP statuses to answer the next
+    requests with, to exercise the client's handling of a server that is briefly unhealthy.
     """
 
     def __init__(self) -> None:
@@ -427,6 +464,7 @@ class ChatServer:
         self.lock = threading.Lock()
         self.faults: collections.deque[int] = collections.deque()
         self.requests: list[dict[str, Any]] = []
+        self.refuse_structured = False  # answer 422 to response_format, as TGI without grammars
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -437,6 +475,13 @@ class ChatServer:
                     return self.reply(404, {"error": f"no route {self.path}"})
                 if server.faults:
                     return self.reply(server.faults.popleft(), {"error": "injected"})
+                if server.refuse_structured and "response_format" in body:
+                    # What TGI answers when started with --disable-grammar-support.
+                    error = {
+                        "error": "Input validation error: grammar is not supported",
+                        "error_type": "validation",
+                    }
+                    return self.reply(422, error)
                 with server.lock:
                     result = server.llama.create_chat_completion(
                         messages=body["messages"],
@@ -479,6 +524,7 @@ def chat_server() -> Iterator[ChatServer]:
 def server(chat_server: ChatServer) -> ChatServer:
     chat_server.faults.clear()
     chat_server.requests.clear()
+    chat_server.refuse_structured = False
     return chat_server
 
 
@@ -491,8 +537,10 @@ def test_answers_that_never_parse_are_retried_then_recorded(server: ChatServer) 
     assert not result.ok and result.attempts == 3 and len(server.requests) == 3
     assert result.error is not None and result.error.startswith("LabelParseError")
     assert result.raw is not None  # the last answer is kept for inspection
-    assert [len(request["messages"]) for request in server.requests] == [2, 4, 4]
+    base = len(build_messages(EXTRACTS))
+    assert [len(request["messages"]) for request in server.requests] == [base, base + 2, base + 2]
     assert all(request["max_tokens"] == 1 and request["seed"] == 42 for request in server.requests)
+    assert all(request["response_format"] == response_format("tgi") for request in server.requests)
 
 
 def test_server_errors_are_retried(server: ChatServer) -> None:
@@ -510,6 +558,31 @@ def test_server_errors_that_do_not_pass_are_recorded(server: ChatServer) -> None
     result = label_cluster(EXTRACTS, ChatClient(server.url), attempts=2, wait_seconds=0)
     assert not result.ok and result.attempts == 2
     assert result.error is not None and result.error.startswith("EndpointBusy") and "HTTP 500" in result.error
+
+
+def test_a_server_that_refuses_structured_output_gets_the_prompt_alone(server: ChatServer) -> None:
+    server.refuse_structured = True
+    client = ChatClient(server.url, engine="openai", model="smollm2", max_tokens=32)
+    assert client.output_format == "json_schema"
+    first = label_cluster(EXTRACTS, client, attempts=1, max_chars=120, wait_seconds=0)
+    # Refused, asked again at once without the field: still one attempt, answered by the model.
+    assert len(server.requests) == 2 and first.attempts == 1
+    assert server.requests[0]["response_format"]["type"] == "json_schema"
+    assert "response_format" not in server.requests[1]
+    assert server.requests[0]["messages"] == server.requests[1]["messages"]
+    assert first.ok or (first.error is not None and first.error.startswith("LabelParseError"))
+    # Remembered: the next cluster is asked without the field straight away.
+    label_cluster(EXTRACTS[:1], client, attempts=1, max_chars=120, wait_seconds=0)
+    assert len(server.requests) == 3 and "response_format" not in server.requests[2]
+    assert client.output_format.startswith("prompt (structured output refused: HTTP 422")
+    assert client.structured_fallback is not None and "grammar is not supported" in client.structured_fallback
+
+
+def test_a_refusal_that_is_not_about_structured_output_still_stops(server: ChatServer) -> None:
+    server.faults.append(422)  # {"error": "injected"}: nothing about the field
+    with pytest.raises(EndpointError, match="HTTP 422"):
+        label_cluster(EXTRACTS, ChatClient(server.url), attempts=3, wait_seconds=0)
+    assert len(server.requests) == 1
 
 
 def test_a_wrong_endpoint_stops_labelling(server: ChatServer) -> None:
@@ -552,6 +625,30 @@ def test_labelled_run_records_a_label_or_a_failure_per_cluster(
     mapping = document_topics(str(tmp_path / "out"))
     assert set(mapping.values()) <= set(labels.values())
     assert len(mapping) == sum(row["size"] for row in topics if row["kept"])
+    assert summary.label_output == "json_schema"  # asked for; this server ignored it
+
+
+def test_structured_output_through_the_embedded_server_labels_every_cluster(
+    tmp_path: Path, embedder: Any, model_server: str
+) -> None:
+    client = ChatClient(model_server)
+    config = ClusterConfig(clusters=4, label_wait_seconds=0, min_educational_score=0)
+    summary = run_clustering(
+        ClusterInput(str(CORPUS), id_field="id"),
+        str(tmp_path / "out"),
+        config,
+        embedder=embedder,
+        complete=client,
+    )
+    client.close()
+    topics = read_topics(str(tmp_path / "out")).to_pylist()
+    assert (summary.labelled, summary.label_failures, summary.label_output) == (4, 0, "json_schema")
+    for row in topics:
+        assert row["label_error"] is None and row["kept"], row
+        assert 3 <= len(row["label"]) <= 60 and row["label"] == row["label"].strip()
+        assert row["score"] in set(range(11))  # an integer on the scale, as the schema says
+        assert row["label_attempts"] == 1  # constrained decoding: the first answer parses
+    assert len(document_topics(str(tmp_path / "out"))) == 40
 
 
 # --- the command line --------------------------------------------------------------------------------------
@@ -592,3 +689,113 @@ def test_cli_reports_bad_usage(
 ) -> None:
     assert cosmo_cluster([str(CORPUS), "--out", str(tmp_path / "out"), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+# --- the k-means fit (cosmoforge/clustering/kmeans.py): smoothing, seeding, bad vectors ---------------------
+
+
+def separated_subjects(
+    subjects: int, per_subject: int, *, seed: int = 0, dim: int = 48
+) -> tuple[np.ndarray, np.ndarray]:
+    """Unit vectors around `subjects` random directions (cosine about 0.9 to their own, about 0
+    to the others), and the subject of each: clusters no reasonable fit may mix."""
+    rng = np.random.default_rng(seed)
+    centres = normalize_rows(rng.standard_normal((subjects, dim)))
+    truth = np.repeat(np.arange(subjects), per_subject)
+    noise = 0.5 * rng.standard_normal((len(truth), dim)) / np.sqrt(dim)
+    return normalize_rows(centres[truth] + noise), truth
+
+
+def one_cluster_per_subject(clusters: np.ndarray, truth: np.ndarray) -> bool:
+    subjects = int(truth.max() + 1)
+    per_subject = [set(clusters[truth == subject].tolist()) for subject in range(subjects)]
+    return all(len(found) == 1 for found in per_subject) and len(set(clusters.tolist())) == subjects
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize(
+    ("subjects", "per_subject"),
+    [(12, 50), (30, 20), (4, 5), (8, 5), (8, 10)],  # smoothed, then too small to smooth
+)
+def test_the_fit_puts_separated_subjects_in_different_clusters(
+    seed: int, subjects: int, per_subject: int
+) -> None:
+    from cosmoforge.clustering.kmeans import Assigner, fit_topic_centroids
+
+    vectors, truth = separated_subjects(subjects, per_subject, seed=seed)
+    centroids = fit_topic_centroids(vectors, subjects, seed)
+    assert centroids.shape == (subjects, vectors.shape[1]) and centroids.dtype == np.float32
+    assert np.allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-5)
+    clusters, _ = Assigner(centroids).assign(vectors)
+    assert one_cluster_per_subject(clusters, truth)
+
+
+def test_the_fit_is_the_same_for_a_seed() -> None:
+    from cosmoforge.clustering.kmeans import fit_topic_centroids
+
+    rng = np.random.default_rng(3)
+    vectors = normalize_rows(rng.standard_normal((900, 32)))  # no structure: many near-ties
+    for k in (5, 40):  # smoothed (900 >= 16 * 40), and with smoothing off
+        first = fit_topic_centroids(vectors, k, seed=11)
+        assert np.array_equal(first, fit_topic_centroids(vectors, k, seed=11))
+        assert np.array_equal(first, fit_topic_centroids(vectors.copy(order="F"), k, seed=11))
+    small = vectors[:60]
+    assert np.array_equal(fit_topic_centroids(small, 6, seed=2), fit_topic_centroids(small, 6, seed=2))
+
+
+def test_smoothing_keeps_only_mutual_neighbours() -> None:
+    from cosmoforge.clustering.kmeans import neighbour_graph
+
+    # Five points on a circle; each one's nearest: 0->1, 1->0, 2->1, 3->2, 4->3. Only 0 and 1
+    # choose each other, so the only link besides the self-loops is 0-1.
+    angles = np.array([0.0, 0.1, 0.25, 0.45, 1.5])
+    points = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    graph = neighbour_graph(points, 1).toarray()
+    expected = np.eye(5, dtype=np.float32)
+    expected[0, 1] = expected[1, 0] = 1.0
+    assert np.array_equal(graph, expected)
+
+    vectors, truth = separated_subjects(3, 40)
+    graph = neighbour_graph(vectors, 15).tocoo()
+    assert (graph != graph.T).nnz == 0
+    assert np.array_equal(truth[graph.row], truth[graph.col])  # no link between subjects
+
+
+def test_seeding_reports_the_cost_of_its_start() -> None:
+    from cosmoforge.clustering.kmeans import Assigner, kmeans_plus_plus, seed_centroids
+
+    vectors, _ = separated_subjects(5, 30)
+    for trials in (1, 3):
+        centroids, cost = seed_centroids(vectors, 5, seed=4, trials=trials)
+        similarity = float(Assigner(centroids).similarity(vectors).sum())
+        assert cost == pytest.approx(2.0 * (len(vectors) - similarity), rel=1e-4)
+    assert np.array_equal(kmeans_plus_plus(vectors, 5, 4), seed_centroids(vectors, 5, 4)[0])
+
+
+@pytest.mark.parametrize(
+    ("vectors", "k", "message"),
+    [
+        (np.zeros((0, 8), dtype=np.float32), 2, "no documents to cluster"),
+        (np.ones(8, dtype=np.float32), 1, "2-D matrix"),
+        (np.ones((4, 0), dtype=np.float32), 1, "2-D matrix"),
+        (np.array([[1.0, np.nan], [0.0, 1.0]], dtype=np.float32), 1, "NaN or infinite"),
+        (np.array([[1.0, np.inf], [0.0, 1.0]], dtype=np.float32), 1, "NaN or infinite"),
+        (np.array([["a", "b"], ["c", "d"]]), 1, "not a numeric matrix"),
+        (np.eye(3, 8, dtype=np.float32), 5, "3 documents cannot make 5 clusters"),
+        (np.eye(3, 8, dtype=np.float32), 0, "cannot make 0 clusters"),
+    ],
+)
+def test_bad_vectors_are_a_clear_error_not_a_faiss_crash(vectors: Any, k: int, message: str) -> None:
+    from cosmoforge.clustering.kmeans import fit_centroids, fit_topic_centroids
+
+    with pytest.raises(ClusteringInputError, match=message):
+        fit_topic_centroids(vectors, k, seed=0)
+    with pytest.raises(ClusteringInputError, match=message):
+        fit_centroids(vectors, k, seed=0)
+
+
+def test_a_ragged_sample_is_a_clear_error() -> None:
+    from cosmoforge.clustering.kmeans import fit_topic_centroids
+
+    with pytest.raises(ClusteringInputError, match="not a numeric matrix"):
+        fit_topic_centroids([[1.0, 0.0], [1.0]], 1, seed=0)  # type: ignore[arg-type]

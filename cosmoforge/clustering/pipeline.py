@@ -94,9 +94,10 @@ class ClusterConfig:
     label_attempts: int = 3
     label_concurrency: int = 4
     label_wait_seconds: float = 1.0
-    # Neighbours averaged into each sample vector before the fit (0: fit on raw vectors). Used
-    # only when the sample holds at least (neighbours + 1) documents per cluster.
-    smoothing_neighbours: int = 5
+    # Mutual nearest neighbours in the smoothing graph (0: fit on raw vectors); used only when
+    # the sample holds at least (neighbours + 1) documents per cluster. Restarts: k-means++
+    # starts drawn; Lloyd's iterations run from the cheapest.
+    smoothing_neighbours: int = 15
     kmeans_restarts: int = 5
 
     @classmethod
@@ -153,6 +154,9 @@ class ClusteringSummary:
     cached_batches: int = 0
     labelled: int = 0
     label_failures: int = 0
+    # How the labeller asked (a `ChatClient`'s `output_format`: "json_schema", or "prompt" and
+    # why, when the endpoint refused structured output); None for other callables.
+    label_output: str | None = None
     kept_clusters: int = 0
     kept_documents: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
@@ -296,6 +300,8 @@ def run_clustering(
     if results is not None:
         summary.labelled = sum(1 for result in results.values() if result.ok)
         summary.label_failures = len(results) - summary.labelled
+        output_format = getattr(complete, "output_format", None)
+        summary.label_output = output_format if isinstance(output_format, str) else None
 
     topics = topics_table(sizes, members, results, config)
     kept = np.asarray(topics.column("kept").to_pylist(), dtype=bool)
