@@ -740,11 +740,16 @@ def check_batch(docs: Sequence[str], index: Index) -> list[Verdict]:
         candidates[doc].append(_Candidate(item_id, first, length, count))
     # Only candidates need their normalized text; the others need only their token count.
     return [
-        _verify(normalize(docs[number]), candidates[number], index)
-        if number in candidates
-        else Verdict(False, tokens=count)
+        _verify(normalize(docs[number]), candidates[number], index) if number in candidates else _clean(count)
         for number, count in enumerate(tokens.counts.tolist())
     ]
+
+
+@lru_cache(maxsize=4096)
+def _clean(tokens: int) -> Verdict:
+    # Verdicts are frozen, so clean documents of one length share one: cheaper to make, and
+    # pickled once per batch on the way back from a worker process.
+    return Verdict(False, tokens=tokens)
 
 
 def check(doc: str, index: Index) -> Verdict:
