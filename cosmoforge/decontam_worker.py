@@ -1031,29 +1031,18 @@ class Worker:
                 loop.add_signal_handler(signum, self.stop)
 
     async def run(self) -> None:
-        # A pod may start before NATS answers: the connection is retried for as long as it takes.
-        log.info("connecting to NATS at %s", self.config.nats_url)
-        connecting = asyncio.ensure_future(
-            nats.connect(
-                self.config.nats_url,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                name=f"decontaminator-{self.config.worker_id}",
-                error_cb=self._connection_error,
-                disconnected_cb=self._disconnected,
-                reconnected_cb=_reconnected,
-            )
+        nc = await queue.connect_unless_stopped(
+            self.config.nats_url,
+            self.stopping,
+            reconnect_time_wait=0.5,
+            name=f"decontaminator-{self.config.worker_id}",
+            error_cb=self._connection_error,
+            disconnected_cb=self._disconnected,
+            reconnected_cb=_reconnected,
         )
-        stopped = asyncio.ensure_future(self.stopping.wait())
-        await asyncio.wait({connecting, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        stopped.cancel()
-        if not connecting.done():  # SIGTERM before NATS ever answered
+        if nc is None:  # SIGTERM before NATS ever answered
             self.closing = True
-            connecting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await connecting
             return
-        nc = connecting.result()
         try:
             js = nc.jetstream()
             while not self.stopping.is_set():

@@ -143,14 +143,14 @@ class Worker:
         self.stopping.set()
 
     async def run(self) -> None:
-        # A pod may start before NATS answers: the connection is retried for as long as it takes.
-        log.info("connecting to NATS at %s", self.config.nats_url)
-        nc = await nats.connect(
+        nc = await queue.connect_unless_stopped(
             self.config.nats_url,
-            max_reconnect_attempts=-1,
+            self.stopping,
             reconnect_time_wait=0.5,
             name=f"generator-{self.config.worker_id}",
         )
+        if nc is None:
+            return
         js = nc.jetstream()
         sub = await js.pull_subscribe(
             queue.prompts_subject(self.config.run),

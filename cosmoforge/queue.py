@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 import shutil
 import socket
@@ -21,7 +22,9 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -34,6 +37,8 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
+
+log = logging.getLogger("cosmoforge.queue")
 
 CONSUMER = "generators"
 DUPLICATE_WINDOW_SECONDS = 24 * 3600
@@ -268,3 +273,19 @@ class EmbeddedNats:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+async def connect_unless_stopped(url: str, stopping: asyncio.Event, **options: Any) -> NATS | None:
+    """Connect, retrying for as long as it takes (a pod may start before NATS answers), unless
+    `stopping` is set first (a SIGTERM during a rollout): then None."""
+    log.info("connecting to NATS at %s", url)
+    connecting = asyncio.ensure_future(nats.connect(url, max_reconnect_attempts=-1, **options))
+    stopped = asyncio.ensure_future(stopping.wait())
+    await asyncio.wait({connecting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if connecting.done():
+        return connecting.result()
+    connecting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await connecting
+    return None

@@ -205,3 +205,20 @@ def test_compaction_keeps_the_earliest_completion_of_each_prompt(tmp_path: Path,
     result = compact(store)
     assert result.rows == 5 and result.duplicates_dropped == 5 * (duplicates - 1)
     assert set(read_dataset(store).column("text").to_pylist()) == {"copy 0"}
+
+
+def test_workers_wait_for_nats_but_a_stop_ends_the_wait(nats_server: EmbeddedNats) -> None:
+    # Pods may start before NATS: connecting retries until it answers, unless the pod is told
+    # to stop first (a rollout), which both worker kinds honour through this one function.
+    async def scenario() -> None:
+        stopping = asyncio.Event()
+        waiting = asyncio.ensure_future(queue.connect_unless_stopped("nats://127.0.0.1:9", stopping))
+        await asyncio.sleep(1.0)  # it keeps trying meanwhile
+        assert not waiting.done()
+        stopping.set()
+        assert await asyncio.wait_for(waiting, timeout=30) is None
+        nc = await queue.connect_unless_stopped(nats_server.url, asyncio.Event())
+        assert nc is not None and nc.is_connected
+        await nc.close()
+
+    asyncio.run(scenario())
