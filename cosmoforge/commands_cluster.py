@@ -46,6 +46,13 @@ def register(subparsers: Any) -> None:
         "--exclude", action="append", default=None, metavar="PHRASE", help="topic to drop (repeatable)"
     )
     parser.add_argument("--cache", default=None, metavar="URI", help="embedding cache (default: DIR/cache)")
+    parser.add_argument(
+        "--restarts",
+        type=int,
+        default=5,
+        metavar="N",
+        help="k-means++ starts drawn; the cheapest is fitted (5)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -59,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.clusters < 1:
         return _fail("--clusters must be at least 1")
+    if args.restarts < 1:
+        return _fail("--restarts must be at least 1")
     if not args.no_label and not args.endpoint:
         return _fail("labelling needs --endpoint URL of a chat server (or pass --no-label)")
     if args.engine == "openai" and not args.model and not args.no_label:
@@ -74,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         exclude_topics=tuple(args.exclude) if args.exclude is not None else defaults.exclude_topics,
         seed=args.seed,
         embedding_model=args.embedding_model,
+        kmeans_restarts=args.restarts,
     )
     client = None
     if not args.no_label:

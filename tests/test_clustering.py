@@ -666,7 +666,18 @@ def cosmo_cluster(argv: list[str]) -> int:
 def test_cli_clusters_a_file(tmp_path: Path, embedder: Any, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     code = cosmo_cluster(
-        [str(CORPUS), "--out", str(out), "--clusters", "4", "--id-field", "id", "--no-label"]
+        [
+            str(CORPUS),
+            "--out",
+            str(out),
+            "--clusters",
+            "4",
+            "--id-field",
+            "id",
+            "--no-label",
+            "--restarts",
+            "1",
+        ]
     )
     assert code == 0, capsys.readouterr().err
     assert "40 documents (0 empty skipped) -> 4 clusters" in capsys.readouterr().out
@@ -682,6 +693,7 @@ def test_cli_clusters_a_file(tmp_path: Path, embedder: Any, capsys: pytest.Captu
         (["--no-label", "--text-field", "body"], "field 'body' missing"),
         (["--endpoint", "http://127.0.0.1:9", "--engine", "openai"], "--engine openai needs --model"),
         (["--no-label", "--embedding-model", "model2vec:no/such-model"], "cannot load embedding model"),
+        (["--no-label", "--restarts", "0"], "--restarts must be at least 1"),
     ],
 )
 def test_cli_reports_bad_usage(
