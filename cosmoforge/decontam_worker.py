@@ -59,7 +59,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any
 
 import nats
 import pyarrow as pa
@@ -461,36 +461,13 @@ def write_error(plan: Plan, task_id: str, error: Exception | str) -> None:
 # --- finalizing ----------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _atomic_file(store: RunStore, relative: str) -> Iterator[BinaryIO]:
-    """A file that appears whole or not at all: rename on local disks, one upload elsewhere."""
-    path = store.path(relative)
-    parent = path.rsplit("/", 1)[0]
-    store.fs.makedirs(parent, exist_ok=True)
-    protocol = store.fs.protocol if isinstance(store.fs.protocol, str) else store.fs.protocol[0]
-    if protocol not in ("file", "local"):
-        with store.fs.open(path, "wb") as handle:
-            yield handle
-        return
-    temporary = f"{parent}/.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(temporary, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
-
-
 def _concatenate(store: RunStore, parts: list[str], target: str) -> None:
     """One parquet file of the parts in order, streamed a part at a time when their schemas agree."""
     schemas = []
     for path in parts:
         with store.fs.open(store.path(path), "rb") as handle:
             schemas.append(pq.read_schema(handle))
-    with _atomic_file(store, target) as sink:
+    with store.open_atomic(target) as sink:
         if all(schema.equals(schemas[0], check_metadata=False) for schema in schemas):
             with pq.ParquetWriter(sink, schemas[0], compression="zstd") as writer:
                 for path in parts:

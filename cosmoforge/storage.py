@@ -8,12 +8,13 @@ so a reader never sees half a shard.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import fsspec
 import pyarrow as pa
@@ -57,18 +58,30 @@ class RunStore:
         return self.fs.cat_file(path).decode("utf-8") if self.fs.exists(path) else None
 
     def write_bytes(self, relative: str, data: bytes) -> None:
+        with self.open_atomic(relative) as handle:
+            handle.write(data)
+
+    @contextlib.contextmanager
+    def open_atomic(self, relative: str) -> Iterator[BinaryIO]:
+        """A file written through the handle appears whole or not at all: write-then-rename
+        with fsync on local disks, one upload on object stores (which publish on close)."""
         path = self.path(relative)
         parent = path.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
-        if _is_local(self.fs):
-            temporary = f"{parent}/.{uuid.uuid4().hex}.tmp"
+        if not _is_local(self.fs):
+            with self.fs.open(path, "wb") as remote:
+                yield remote
+            return
+        temporary = f"{parent}/.{uuid.uuid4().hex}.tmp"
+        try:
             with open(temporary, "wb") as handle:
-                handle.write(data)
+                yield handle
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temporary, path)
-        else:
-            self.fs.pipe_file(path, data)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(temporary)
 
     def write_table(self, relative: str, table: pa.Table) -> None:
         buffer = io.BytesIO()
