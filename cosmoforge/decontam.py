@@ -37,12 +37,14 @@ from `difflib` otherwise. Batches run on every core in forked workers that inher
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import multiprocessing
 import os
 import re
+import threading
 import unicodedata
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -200,32 +202,90 @@ def _char_table() -> np.ndarray:
     return table
 
 
-_ASCII_TABLE = np.array(
-    [
-        _TEXT_END if code == 0 else code if chr(code).isalnum() or code == 95 else _SPACE
-        for code in range(128)
-    ],
-    dtype=np.uint8,
-)
-_ASCII_TABLE[65:91] += 32  # lowercase
+# Bytes in, not code points: the batch's normalized text is handed on as UTF-8, which for the
+# usual Latin text (accents and punctuation gone) is one byte per character, and every byte of a
+# word character is above the space.
+def _ascii_byte(code: int) -> int:
+    char = chr(code)
+    if code == 0:
+        return _TEXT_END  # the batch joins texts with NUL, which a text's own NULs never are
+    return ord(char.lower()) if char.isascii() and (char.isalnum() or char == "_") else _SPACE
 
 
-def _normalized_codes(texts: Sequence[str]) -> np.ndarray:
-    """Code points of the normalized texts: tokens apart by runs of spaces, texts by newlines."""
+_ASCII_BYTES = bytes(_ascii_byte(code) for code in range(256))
+
+
+_UTF8_BYTES = bytes(_ascii_byte(code) if code < 0x80 else code for code in range(256))
+
+
+def _normalized_bytes(texts: Sequence[str]) -> np.ndarray:
+    """UTF-8 of the normalized texts (uint8): tokens apart by runs of spaces, texts by newlines."""
     joined = "\0".join(texts)
     if joined.count("\0") >= len(texts):  # a text's own NULs are word breaks, as any control
         texts = [text.replace("\0", " ") for text in texts]
         joined = "\0".join(texts)
     if joined.isascii():
-        return _ASCII_TABLE[np.frombuffer(joined.encode("ascii"), dtype=np.uint8)]
-    codes = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32)
+        return np.frombuffer(joined.encode("ascii").translate(_ASCII_BYTES), dtype=np.uint8)
+    # Mostly ASCII with a few accents and dashes: ASCII bytes by one translate, the few other
+    # characters one by one through the table, written back in place. A text holding one the
+    # table cannot say (a Hangul syllable, a capital sigma) goes through the definition first.
+    for attempt in range(2):
+        raw = joined.encode("utf-8", "surrogatepass").translate(_UTF8_BYTES)
+        data = np.frombuffer(raw, dtype=np.uint8)
+        folded, stuck = _fold_non_ascii(data.copy())
+        if stuck.size == 0:
+            return folded
+        if attempt == 0:
+            numbers = set(np.searchsorted(np.flatnonzero(data == _TEXT_END), stuck).tolist())
+            texts = [normalize(text) if number in numbers else text for number, text in enumerate(texts)]
+            joined = "\0".join(texts)
+    codes = _normalized_codes(joined, texts)
+    return np.frombuffer(
+        codes.astype(np.uint32).tobytes().decode("utf-32-le").encode("utf-8"), dtype=np.uint8
+    )
+
+
+def _fold_non_ascii(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(`data` with each UTF-8 sequence replaced by the table's character, positions of the
+    sequences where that cannot be done in place: a character the table cannot say, or one
+    whose replacement is longer). Only with no such position is the first part the answer."""
+    lead = np.flatnonzero(data >= 0xC0)
+    last = data.size - 1
+    first, second, third, fourth = (data[np.minimum(lead + k, last)].astype(np.int64) for k in range(4))
+    size = np.where(first >= 0xF0, 4, np.where(first >= 0xE0, 3, 2))
+    tail = ((second & 0x3F) << 12) | ((third & 0x3F) << 6) | (fourth & 0x3F)
+    code = ((first & (0xFF >> (size + 1))) << (6 * (size - 1))) | (tail >> (6 * (4 - size)))
+    mapped = _char_table()[np.minimum(code, _ASTRAL)].astype(np.int64)
+    astral = np.flatnonzero(code >= _ASTRAL)
+    mapped[astral] = [_char_code(int(value)) for value in code[astral]]
+    length = np.select([mapped < 0, mapped < 0x80, mapped < 0x800, mapped < 0x10000], [0, 1, 2, 3], 4)
+    stuck = lead[(mapped == _SLOW) | (length > size)]
+    if stuck.size:
+        return data, stuck
+    keep = data < 0x80
+    head = np.select(
+        [length == 1, length == 2, length == 3],
+        [mapped, 0xC0 | (mapped >> 6), 0xE0 | (mapped >> 12)],
+        0xF0 | (mapped >> 18),
+    )
+    for k in range(4):
+        chosen = np.flatnonzero(length > k)
+        at = lead[chosen] + k
+        if k == 0:
+            data[at] = head[chosen]
+        else:
+            data[at] = 0x80 | ((mapped[chosen] >> (6 * (length[chosen] - 1 - k))) & 0x3F)
+        keep[at] = True
+    return data[keep], stuck
+
+
+def _normalized_codes(joined: str, texts: Sequence[str]) -> np.ndarray:
+    """Code points of the normalized texts, by the table and, for texts it cannot do, the definition."""
+    codes = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
     table = _char_table()
-    if codes.max() < _ASTRAL:
-        mapped = table[codes]
-    else:
-        mapped = table[np.minimum(codes, _ASTRAL)]
-        astral = np.flatnonzero(codes >= _ASTRAL)
-        mapped[astral] = [_char_code(int(code)) for code in codes[astral]]
+    mapped = table[np.minimum(codes, _ASTRAL)]
+    astral = np.flatnonzero(codes >= _ASTRAL)
+    mapped[astral] = [_char_code(int(code)) for code in codes[astral]]
     lowest = mapped.min()
     if lowest <= _SLOW:
         ends = np.flatnonzero(codes == 0)
@@ -240,17 +300,22 @@ def _normalized_codes(texts: Sequence[str]) -> np.ndarray:
 
 # --- hashing -------------------------------------------------------------------------------
 #
-# A token's hash is a polynomial over its code points, finished with a 64-bit mixer; an
-# n-gram's hash is the same polynomial over its tokens' hashes, mixed again. Hashing tokens
-# first makes an n-gram's hash blind to how its tokens are spaced, so a batch is hashed
-# straight from the table's output. Prefix sums give every hash of a whole batch in a few
-# numpy passes: with R the inverse of the odd base B modulo 2**64 and S[t] = sum(x[u] * R**u,
-# u < t), the polynomial of x[s:e] is (S[e] - S[s]) * B**(e - 1). Values depend on the text
-# only, never on the process, the worker count or PYTHONHASHSEED.
+# A token's hash is computed from its bytes read eight at a time as little-endian integers (a
+# token of up to 8 bytes is its own integer before mixing; longer ones fold in each further
+# word through a 64-bit mixer; tokens over 32 bytes, rare in text, go through BLAKE2b one by
+# one). An n-gram's hash is a polynomial over its tokens' hashes, mixed again: with R the
+# inverse of the odd base B modulo 2**64 and S[t] = sum(h[u] * R**u, u < t), the polynomial of
+# h[s:e] is (S[e] - S[s]) * B**(e - 1), so prefix sums give every n-gram hash of a batch in a
+# few numpy passes. Hashing tokens first makes an n-gram's hash blind to how its tokens are
+# spaced. Values depend on the text only, never on the process, the worker count or
+# PYTHONHASHSEED.
 
 _BASE = 0x100000001B3
 _BASE_INVERSE = pow(_BASE, -1, 1 << 64)
 _POWERS_CACHED = 1 << 22
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_LONG_TOKEN = 32  # bytes
+_WORD_MASKS = np.array([(1 << (8 * size)) - 1 for size in range(8)] + [(1 << 64) - 1], dtype=np.uint64)
 
 
 @lru_cache(maxsize=1)
@@ -282,8 +347,36 @@ def _mix(values: np.ndarray) -> np.ndarray:
 
 def _prefix(values: np.ndarray, inverse: np.ndarray) -> np.ndarray:
     prefix = np.zeros(values.size + 1, dtype=np.uint64)
-    np.cumsum(values.astype(np.uint64) * inverse[: values.size], out=prefix[1:])
+    np.cumsum(values * inverse[: values.size], out=prefix[1:])
     return prefix
+
+
+def _words_at(words: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """The eight bytes from each byte offset `at` of `words`' buffer, as little-endian integers."""
+    word = at >> 3
+    shift = ((at & 7) << 3).astype(np.uint64)
+    # Two shifts for the high part, as shifting a 64-bit integer by 64 is undefined.
+    return (words[word] >> shift) | ((words[word + 1] << np.uint64(1)) << (np.uint64(63) - shift))
+
+
+def _token_hashes(data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    words = np.zeros((data.size >> 3) + 2, dtype=np.uint64)
+    words.view(np.uint8)[: data.size] = data
+    sizes = ends - starts
+    hashes = _words_at(words, starts) & _WORD_MASKS[np.minimum(sizes, 8)]
+    for offset in range(8, _LONG_TOKEN, 8):
+        more = np.flatnonzero(sizes > offset)
+        if more.size == 0:
+            break
+        word = _words_at(words, starts[more] + offset) & _WORD_MASKS[np.minimum(sizes[more] - offset, 8)]
+        hashes[more] = _mix(hashes[more]) + word
+    long = np.flatnonzero(sizes > _LONG_TOKEN)
+    if long.size:
+        hashes[long] = [
+            int.from_bytes(hashlib.blake2b(data[start:end].tobytes(), digest_size=8).digest(), "little")
+            for start, end in zip(starts[long].tolist(), ends[long].tolist(), strict=True)
+        ]
+    return _mix(hashes ^ (sizes.astype(np.uint64) * _GOLDEN))
 
 
 @dataclass(frozen=True)
@@ -298,36 +391,46 @@ class _Tokens:
     counts: np.ndarray  # int64 tokens per text
 
 
-def _locate(codes: np.ndarray, texts: int) -> _Tokens:
-    """Tokens of `_normalized_codes` output holding `texts` texts."""
-    forward, inverse = _powers(codes.size + 1)
-    chars = _prefix(codes, inverse)
-    word = np.zeros(codes.size + 2, dtype=np.int8)
-    np.greater(codes, _SPACE, out=word[1:-1])
+def _locate(data: np.ndarray, texts: int) -> _Tokens:
+    """Tokens of `_normalized_bytes` output holding `texts` texts."""
+    word = np.zeros(data.size + 2, dtype=np.int8)
+    np.greater(data, _SPACE, out=word[1:-1])
     # Word and non-word runs alternate, so the changes are start, end, start, end...
     changes = np.flatnonzero(word[1:] != word[:-1])
     starts, ends = changes[0::2], changes[1::2]
-    hashes = _mix((chars[ends] - chars[starts]) * forward[ends - 1])
-    text_of = np.searchsorted(np.flatnonzero(codes == _TEXT_END), starts)
+    hashes = _token_hashes(data, starts, ends)
+    text_of = np.searchsorted(np.flatnonzero(data == _TEXT_END), starts)
     counts = np.bincount(text_of, minlength=texts).astype(np.int64)
-    token_forward, token_inverse = _powers(hashes.size + 1)
-    return _Tokens(
-        hashes, _prefix(hashes, token_inverse), token_forward, text_of, np.cumsum(counts) - counts, counts
-    )
+    forward, inverse = _powers(hashes.size + 1)
+    return _Tokens(hashes, _prefix(hashes, inverse), forward, text_of, np.cumsum(counts) - counts, counts)
 
 
 def _tokens_of(texts: Sequence[str]) -> _Tokens:
-    return _locate(_normalized_codes(texts), len(texts))
+    return _locate(_normalized_bytes(texts), len(texts))
 
 
-def _grams(tokens: _Tokens, k: int, at: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(first token index, hash) of every run of k tokens inside one text (starting `at` only)."""
-    count = tokens.hashes.size
-    first = np.arange(max(count - k + 1, 0)) if at is None else at[at + (k - 1) < count]
-    last = first + (k - 1)
-    first = first[tokens.text_of[first] == tokens.text_of[last]]
+def _every_gram(tokens: _Tokens, k: int) -> np.ndarray:
+    """Hash of the k tokens from each position that has k - 1 after it, within a text or across."""
+    end = tokens.hashes.size + 1
+    if end <= k:
+        return np.empty(0, dtype=np.uint64)
+    return _mix((tokens.prefix[k:end] - tokens.prefix[: end - k]) * tokens.forward[k - 1 : end - 1])
+
+
+def _spans(tokens: _Tokens, first: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(kept positions, hashes) of the runs of k tokens from `first` that stay inside one text."""
     end = first + k
-    return first, _mix((tokens.prefix[end] - tokens.prefix[first]) * tokens.forward[end - 1])
+    inside = np.flatnonzero(end <= tokens.hashes.size)
+    inside = inside[tokens.text_of[first[inside]] == tokens.text_of[end[inside] - 1]]
+    start, end = first[inside], end[inside]
+    return inside, _mix((tokens.prefix[end] - tokens.prefix[start]) * tokens.forward[end - 1])
+
+
+def _grams(tokens: _Tokens, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(first token index, hash) of every run of k tokens inside one text."""
+    hashes = _every_gram(tokens, k)
+    first = np.flatnonzero(tokens.text_of[: hashes.size] == tokens.text_of[k - 1 :])
+    return first, hashes[first]
 
 
 def gram_hashes(text: str, k: int) -> np.ndarray:
@@ -340,31 +443,47 @@ def gram_hashes(text: str, k: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _BitFilter:
-    """One bit per slot of a key's top bits: most absent keys are ruled out by one load."""
+    """Two bits per key, one in each of two tables: a key's top bits pick one, its low bits the other.
 
-    table: np.ndarray  # uint8
+    An absent key is ruled out unless both of its bits are set, so about 1 % of absent keys get
+    through to the binary search, while the tables stay small enough (8 to 16 bits per key each)
+    to sit in the processor's cache.
+    """
+
+    high: np.ndarray  # uint8, one bit per slot
+    low: np.ndarray
     bits: int
 
     @classmethod
     def of(cls, keys: np.ndarray) -> _BitFilter:
-        # 64 to 128 bits per key keep false positives near 1 %, so few keys reach the binary
-        # search; the table is 8 KiB to 128 MiB.
-        bits = min(30, max(16, int(np.ceil(np.log2(max(keys.size, 1) * 64)))))
-        table = np.zeros(1 << (bits - 3), dtype=np.uint8)
-        slots = keys >> np.uint64(64 - bits)
-        np.bitwise_or.at(
-            table, (slots >> np.uint64(3)).astype(np.intp), np.left_shift(1, slots & 7).astype(np.uint8)
-        )
-        return cls(table, bits)
+        bits = min(30, max(12, int(np.ceil(np.log2(max(keys.size, 1) * 8)))))
+        tables = []
+        for slots in (keys >> np.uint64(64 - bits), keys & np.uint64((1 << bits) - 1)):
+            table = np.zeros(1 << (bits - 3), dtype=np.uint8)
+            bit = np.left_shift(1, slots & np.uint64(7)).astype(np.uint8)
+            np.bitwise_or.at(table, (slots >> np.uint64(3)).astype(np.intp), bit)
+            tables.append(table)
+        return cls(tables[0], tables[1], bits)
 
     def maybe(self, keys: np.ndarray) -> np.ndarray:
-        slots = keys >> np.uint64(64 - self.bits)
-        return (self.table[(slots >> np.uint64(3)).astype(np.intp)] >> (slots & 7).astype(np.uint8)) & 1 == 1
+        high = keys >> np.uint64(64 - self.bits)
+        low = keys & np.uint64((1 << self.bits) - 1)
+        found = self.high[(high >> np.uint64(3)).astype(np.intp)] >> (high & np.uint64(7)).astype(np.uint8)
+        found &= self.low[(low >> np.uint64(3)).astype(np.intp)] >> (low & np.uint64(7)).astype(np.uint8)
+        return (found & 1).view(bool)
+
+
+_PAIR = np.uint64(0xD6E8FEB86659FD93)
+
+
+def _heads(hashes: np.ndarray, length: int) -> np.ndarray:
+    """A hash of the `length` (1 or 2) tokens from each position; the last ones have no successor."""
+    return hashes if length == 1 else (hashes[:-1] * _PAIR) ^ hashes[1:]
 
 
 @dataclass(frozen=True)
 class _Anchors:
-    """The first `length` tokens of short items, hashed: a short item can only start there.
+    """The first `length` tokens (one or two) of short items, hashed: a short item can only start there.
 
     Two tokens, not one: single words such as "the" begin short items and a third of a text's
     tokens, while two-word openings are rare.
@@ -380,11 +499,12 @@ class _Anchors:
         return cls(length, hashes, _BitFilter.of(hashes))
 
     def starts(self, tokens: _Tokens) -> np.ndarray:
-        first, hashes = _grams(tokens, self.length)
-        maybe = np.flatnonzero(self.filter.maybe(hashes))
-        first, hashes = first[maybe], hashes[maybe]
-        slot = np.minimum(np.searchsorted(self.hashes, hashes), self.hashes.size - 1)
-        return first[self.hashes[slot] == hashes]
+        heads = _heads(tokens.hashes, self.length)
+        first = np.flatnonzero(self.filter.maybe(heads))
+        slot = np.minimum(np.searchsorted(self.hashes, heads[first]), self.hashes.size - 1)
+        first = first[self.hashes[slot] == heads[first]]
+        last = first + (self.length - 1)
+        return first[tokens.text_of[first] == tokens.text_of[last]]
 
 
 ANCHOR_TOKENS = 2
@@ -397,8 +517,9 @@ class Index:
     config: Config
     items: tuple[BenchmarkItem, ...]
     normalized: tuple[str, ...]
-    keys: np.ndarray  # uint64, sorted
-    owners: np.ndarray  # int32 item id of each key
+    keys: np.ndarray  # uint64, sorted, distinct
+    offsets: np.ndarray  # int64: the owners of keys[i] are owners[offsets[i]:offsets[i + 1]]
+    owners: np.ndarray  # int32 item ids
     lengths: tuple[int, ...]  # gram lengths present: n, plus the lengths of short items
     filter: _BitFilter  # over keys
     anchors: tuple[_Anchors, ...]  # where short items can start
@@ -410,6 +531,13 @@ class Index:
 
     def items_per_benchmark(self) -> dict[str, int]:
         return dict(Counter(item.benchmark for item in self.items))
+
+    def owners_of(self, key: int) -> list[int]:
+        """Item ids holding the gram whose hash is `key`."""
+        at = int(np.searchsorted(self.keys, np.uint64(key)))
+        if at == self.keys.size or int(self.keys[at]) != key:
+            return []
+        return self.owners[self.offsets[at] : self.offsets[at + 1]].tolist()
 
 
 def build_index(items: Iterable[BenchmarkItem], config: Config | None = None) -> Index:
@@ -438,17 +566,19 @@ def build_index(items: Iterable[BenchmarkItem], config: Config | None = None) ->
     distinct = np.ones(keys.size, dtype=bool)
     distinct[1:] = (keys[1:] != keys[:-1]) | (owners[1:] != owners[:-1])
     keys, owners = keys[distinct], owners[distinct]
+    keys, starts = np.unique(keys, return_index=True)
     short = (gram_length < config.ngram) & (gram_length > 0) & matchable
     anchor_length = np.minimum(gram_length, ANCHOR_TOKENS)
     anchors = []
     for length in sorted(set(anchor_length[short].tolist())):
-        heads = tokens.first_token[short & (anchor_length == length)]
-        anchors.append(_Anchors.of(length, _grams(tokens, length, heads)[1]))
+        heads = _heads(tokens.hashes, length)
+        anchors.append(_Anchors.of(length, heads[tokens.first_token[short & (anchor_length == length)]]))
     return Index(
         config=config,
         items=items,
         normalized=tuple(normalized),
         keys=keys,
+        offsets=np.append(starts, owners.size).astype(np.int64),
         owners=owners,
         lengths=tuple(lengths),
         filter=_BitFilter.of(keys),
@@ -472,53 +602,48 @@ class _Hits:
 
 
 def _lookup(grams: np.ndarray, index: Index) -> tuple[np.ndarray, np.ndarray]:
-    """(gram number, key slot) for every key equal to one of the grams."""
+    """(gram number, owner slot) for every owner of a key equal to one of the grams."""
     maybe = np.flatnonzero(index.filter.maybe(grams))
-    if maybe.size == 0:
+    if maybe.size == 0 or index.keys.size == 0:
         return maybe, maybe
     wanted = grams[maybe]
-    left = np.searchsorted(index.keys, wanted, side="left")
-    found = index.keys[np.minimum(left, index.keys.size - 1)] == wanted
-    maybe, left, wanted = maybe[found], left[found], wanted[found]
-    counts = np.searchsorted(index.keys, wanted, side="right") - left
-    total = int(counts.sum())
-    # Expand each [left, right) run into its slots without a Python loop.
+    at = np.minimum(np.searchsorted(index.keys, wanted), index.keys.size - 1)
+    found = index.keys[at] == wanted
+    maybe, at = maybe[found], at[found]
+    left = index.offsets[at]
+    counts = index.offsets[at + 1] - left
+    # Expand each [left, left + count) run into its slots without a Python loop.
     run_start = np.repeat(np.cumsum(counts) - counts, counts)
-    slots = np.repeat(left, counts) + (np.arange(total) - run_start)
+    slots = np.repeat(left, counts) + (np.arange(int(counts.sum())) - run_start)
     return np.repeat(maybe, counts), slots
 
 
-def _short_starts(tokens: _Tokens, index: Index) -> np.ndarray:
-    """Tokens where some short item may start, in order."""
-    found = [anchors.starts(tokens) for anchors in index.anchors]
-    return np.unique(np.concatenate(found)) if found else np.empty(0, dtype=np.int64)
-
-
 def _batch_hits(tokens: _Tokens, index: Index) -> _Hits:
-    has_short = any(k < index.config.ngram for k in index.lengths)
-    short_starts = _short_starts(tokens, index) if has_short else None
-    found_docs, found_items, found_pos, found_len = [], [], [], []
-    for k in index.lengths:
-        first, grams = _grams(tokens, k, short_starts if k < index.config.ngram else None)
-        numbers, slots = _lookup(grams, index)
-        token = first[numbers]
-        doc = tokens.text_of[token]
-        found_docs.append(doc)
-        found_items.append(index.owners[slots].astype(np.int64))
-        found_pos.append(token - tokens.first_token[doc])
-        found_len.append(np.full(token.size, k, dtype=np.int64))
-    if not found_docs:
-        empty = np.empty(0, dtype=np.int64)
-        return _Hits(empty, empty, empty, empty, empty)
-    docs = np.concatenate(found_docs)
-    items = np.concatenate(found_items)
-    pos = np.concatenate(found_pos)
-    length = np.concatenate(found_len)
+    n = index.config.ngram
+    grams = _every_gram(tokens, n)  # some run across two texts: their hits are dropped below
+    first = np.arange(grams.size)
+    size = np.full(grams.size, n)
+    short = [k for k in index.lengths if k < n]
+    if short and index.anchors:
+        # Short items are looked for only where an anchor says one may start, all lengths at once.
+        starts = np.unique(np.concatenate([anchors.starts(tokens) for anchors in index.anchors]))
+        lengths = np.array(short, dtype=np.int64)
+        inside, short_grams = _spans(tokens, np.repeat(starts, lengths.size), np.tile(lengths, starts.size))
+        first = np.concatenate((first, np.repeat(starts, lengths.size)[inside]))
+        size = np.concatenate((size, np.tile(lengths, starts.size)[inside]))
+        grams = np.concatenate((grams, short_grams))
+    numbers, slots = _lookup(grams, index)
+    token, length = first[numbers], size[numbers]
+    inside = np.flatnonzero(tokens.text_of[token] == tokens.text_of[token + length - 1])
+    token, length, slots = token[inside], length[inside], slots[inside]
+    docs = tokens.text_of[token]
+    items = index.owners[slots].astype(np.int64)
+    pos = token - tokens.first_token[docs]
     order = np.lexsort((pos, items, docs))
     docs, items, pos, length = docs[order], items[order], pos[order], length[order]
     pair = docs * (len(index.items) + 1) + items
-    _, first, count = np.unique(pair, return_index=True, return_counts=True)
-    return _Hits(docs[first], items[first], pos[first], length[first], count)
+    _, first_of, count = np.unique(pair, return_index=True, return_counts=True)
+    return _Hits(docs[first_of], items[first_of], pos[first_of], length[first_of], count)
 
 
 # --- verification --------------------------------------------------------------------------
@@ -532,77 +657,81 @@ def _batch_hits(tokens: _Tokens, index: Index) -> _Hits:
 # picks the longest block, first in the document, then in the item, and order is kept, so the
 # counting blocks and their recursion are unchanged. A sub-range whose longest block is at most
 # m chars adds nothing in either version. Positions are found by hashing every (m+1)-character
-# window; a hash collision can only keep extra characters, never drop a needed one.
+# window and looking each one up in a table of flags set by the other text's windows; a hash
+# collision can only keep extra characters, never drop a needed one.
 
 _CHAR_MULTIPLIER = np.uint64(0x100000001B3)
 _DOC_SEPARATOR = 0x0  # neither occurs in normalized text (word characters and spaces only)
 _ITEM_SEPARATOR = 0x1
+_SLOTS_PER_WINDOW = 4  # 16 to 32 flags per window in each of two tables
 
 
 @dataclass(frozen=True)
 class _Side:
-    """A normalized text with the hashes of its (m+1)-character windows, sorted two ways.
+    """A normalized text, the hash of each of its (m+1)-character windows, and two flag tables.
 
-    A document needs the positions sorted by hash (`order`, `sorted_windows`); an item needs
-    its distinct hashes (`unique`, `inverse`). Each side computes only what its role needs.
+    Every window sets one flag in each table, picked by two different bit ranges of its hash.
+    A window of the other text is looked up in both: about 5 % of absent windows pass one
+    table, 0.2 % pass both. Each that passes keeps a few extra characters, and those cost
+    SequenceMatcher far more than the second lookup does.
     """
 
     text: str
     codes: np.ndarray  # uint32 code points
-    order: np.ndarray  # window start positions, sorted by window hash
-    sorted_windows: np.ndarray  # window hashes in that order
-    unique: np.ndarray  # distinct window hashes, sorted
-    inverse: np.ndarray  # for each position, its window's slot in `unique`
+    width: int
+    windows: np.ndarray  # uint64 hash of the window starting at each position
+    tables: tuple[np.ndarray, np.ndarray]  # bool, 2**bits flags each
+    bits: int
+    _slots: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, text: str, width: int) -> _Side:
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        count = max(codes.size - width + 1, 0)
+        wide = codes.astype(np.uint64)
+        windows = wide[:count].copy()
+        for offset in range(1, width):
+            windows *= _CHAR_MULTIPLIER
+            windows += wide[offset : offset + count]
+        windows *= _GOLDEN  # the flags come from the top bits: spread them
+        bits = min(30, count.bit_length() + _SLOTS_PER_WINDOW)
+        side = cls(text, codes, width, windows, (np.zeros(1 << bits, bool), np.zeros(1 << bits, bool)), bits)
+        for table, slots in zip(side.tables, side.slots(bits), strict=True):
+            table[slots] = True
+        return side
 
-def _windows(codes: np.ndarray, width: int) -> np.ndarray:
-    count = max(codes.size - width + 1, 0)
-    wide = codes.astype(np.uint64)
-    windows = wide[:count].copy()
-    for offset in range(1, width):
-        windows = windows * _CHAR_MULTIPLIER + wide[offset : offset + count]
-    return windows
+    def slots(self, bits: int) -> tuple[np.ndarray, np.ndarray]:
+        """Where this text's windows fall in tables of 2**bits flags (a document meets many
+        items, most of them of a few sizes: computed once per size)."""
+        found = self._slots.get(bits)
+        if found is None:
+            high = self.windows >> np.uint64(64 - 2 * bits)
+            first, second = (high >> np.uint64(bits)).astype(np.intp), (high & np.uint64((1 << bits) - 1))
+            found = self._slots[bits] = (first, second.astype(np.intp))
+        return found
 
+    def starts_in(self, other: _Side) -> np.ndarray:
+        """Whether each window of this text may occur in `other` (false only when it does not)."""
+        first, second = self.slots(other.bits)
+        return other.tables[0][first] & other.tables[1][second]
 
-def _side(text: str, width: int, role: str) -> _Side:
-    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    windows = _windows(codes, width)
-    empty = np.empty(0, dtype=np.int64)
-    if role == "doc":
-        order = np.argsort(windows, kind="stable")
-        return _Side(text, codes, order, windows[order], empty.astype(np.uint64), empty)
-    unique, inverse = np.unique(windows, return_inverse=True)
-    return _Side(text, codes, empty, empty.astype(np.uint64), unique, inverse)
+    def covered(self, starts: np.ndarray) -> np.ndarray:
+        """Positions inside a window starting at a marked start."""
+        covered = np.zeros(self.codes.size, dtype=bool)
+        covered[: starts.size] = starts
+        span = 1  # covered[i]: a start within the `span` positions up to i
+        while span < self.width:
+            step = min(span, self.width - span)
+            covered[step:] |= covered[:-step]
+            span += step
+        return covered
 
-
-def _spread(starts: np.ndarray, width: int, length: int) -> np.ndarray:
-    """Positions covered by a window of `width` starting at any marked start."""
-    if length == 0:
-        return np.zeros(0, dtype=bool)
-    return np.convolve(starts, np.ones(width, dtype=np.int32))[:length] > 0
-
-
-def _covered(doc: _Side, item: _Side, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Positions of each text inside some common substring of at least `width` characters."""
-    left = np.searchsorted(doc.sorted_windows, item.unique, side="left")
-    right = np.searchsorted(doc.sorted_windows, item.unique, side="right")
-    shared = right > left
-    item_starts = np.zeros(item.codes.size, dtype=np.int32)
-    item_starts[: item.inverse.size] = shared[item.inverse]
-    counts = (right - left)[shared]
-    run_start = np.repeat(np.cumsum(counts) - counts, counts)
-    slots = np.repeat(left[shared], counts) + (np.arange(int(counts.sum())) - run_start)
-    doc_starts = np.zeros(doc.codes.size, dtype=np.int32)
-    doc_starts[doc.order[slots]] = 1
-    return _spread(doc_starts, width, doc.codes.size), _spread(item_starts, width, item.codes.size)
-
-
-def _collapse(side: _Side, covered: np.ndarray, separator: int) -> str:
-    if covered.all():
-        return side.text
-    run_start = ~covered & np.concatenate(([True], covered[:-1]))
-    codes = np.where(covered, side.codes, np.uint32(separator))[covered | run_start]
-    return codes.tobytes().decode("utf-32-le")
+    def collapse(self, covered: np.ndarray, separator: int) -> str:
+        if covered.all():
+            return self.text
+        run_start = ~covered & np.concatenate(([True], covered[:-1]))
+        codes = np.where(covered, self.codes, np.uint32(separator))[covered | run_start]
+        return codes.tobytes().decode("utf-32-le")
 
 
 def _matched_chars(doc: str, item: str, min_block_chars: int) -> int:
@@ -621,7 +750,7 @@ class _Document:
     @property
     def side(self) -> _Side:
         if self._side is None:
-            self._side = _side(self.text, self._width, "doc")
+            self._side = _Side.of(self.text, self._width)
         return self._side
 
 
@@ -634,11 +763,11 @@ def _ratio(document: _Document, item: _Side, min_block_chars: int) -> float:
         # and nothing is left beside it: the ratio is exactly 1 without running it.
         return 1.0
     doc = document.side
-    doc_covered, item_covered = _covered(doc, item, min_block_chars + 1)
+    item_covered = item.covered(item.starts_in(doc))
     if not item_covered.any():
         return 0.0
-    doc_text = _collapse(doc, doc_covered, _DOC_SEPARATOR)
-    item_text = _collapse(item, item_covered, _ITEM_SEPARATOR)
+    doc_text = doc.collapse(doc.covered(doc.starts_in(item)), _DOC_SEPARATOR)
+    item_text = item.collapse(item_covered, _ITEM_SEPARATOR)
     return _matched_chars(doc_text, item_text, min_block_chars) / length
 
 
@@ -648,22 +777,28 @@ def match_ratio(doc: str, item: str, min_block_chars: int = MIN_BLOCK_CHARS) -> 
     Equal to running `SequenceMatcher(None, doc, item, autojunk=False)` on the texts as given.
     """
     width = min_block_chars + 1
-    return _ratio(_Document(doc, width), _side(item, width, "item"), min_block_chars)
+    return _ratio(_Document(doc, width), _Side.of(item, width), min_block_chars)
 
 
-_ITEM_SIDES_LIMIT = 1 << 14
+_ITEM_SIDES_BYTES = 64 << 20
 _item_sides: dict[tuple[int, int], _Side] = {}
+_item_sides_bytes = 0
 
 
 def _item_side(index: Index, item_id: int) -> _Side:
     # Boilerplate n-grams (MMLU's moral scenarios share a 25-word stem) make the same items
     # candidates of many documents; their windows are hashed once per worker.
+    global _item_sides_bytes
     key = (id(index), item_id)
     side = _item_sides.get(key)
     if side is None:
-        if len(_item_sides) >= _ITEM_SIDES_LIMIT:
+        side = _Side.of(index.normalized[item_id], index.config.min_block_chars + 1)
+        size = 2 * side.tables[0].nbytes + side.windows.nbytes + side.codes.nbytes
+        if _item_sides_bytes + size > _ITEM_SIDES_BYTES:
             _item_sides.clear()
-        side = _item_sides[key] = _side(index.normalized[item_id], index.config.min_block_chars + 1, "item")
+            _item_sides_bytes = 0
+        _item_sides[key] = side
+        _item_sides_bytes += size
     return side
 
 
@@ -766,9 +901,19 @@ def _install(index: Index) -> None:
     _installed = index
 
 
-def _check_installed(docs: Sequence[str]) -> list[Verdict]:
+def _check_installed(docs: Sequence[str]) -> tuple[list[int], dict[int, Verdict]]:
+    """A batch's verdicts, packed for the way back: token counts, and the verdicts with candidates."""
     assert _installed is not None, "worker started without an index"
-    return check_batch(docs, _installed)
+    verdicts = check_batch(docs, _installed)
+    found = {
+        number: verdict for number, verdict in enumerate(verdicts) if verdict.matches or verdict.near_misses
+    }
+    return [verdict.tokens for verdict in verdicts], found
+
+
+def _unpack(packed: tuple[list[int], dict[int, Verdict]]) -> list[Verdict]:
+    tokens, found = packed
+    return [found.get(number) or _clean(count) for number, count in enumerate(tokens)]
 
 
 def _batches(docs: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -795,10 +940,13 @@ def default_workers() -> int:
 
 
 class Checker:
-    """Worker processes that hold the index, started once and reused for every corpus.
+    """`workers` processes that check batches: this one and `workers - 1` forked ones holding the index.
 
-    A long-running worker (or a benchmark) pays the start only once; `check_all` below is the
-    one-shot form.
+    Started once and reused for every corpus: a long-running worker (or a benchmark) pays the
+    start only once; `check_all` below is the one-shot form. The calling thread hands batches to
+    the forked processes while each has fewer than two (one in hand, one waiting) and checks
+    the batch itself otherwise, so every core is busy and the caller's own share of the work
+    never crosses a pipe. Calls from several threads share that count.
     """
 
     def __init__(self, index: Index, workers: int | None = None, batch_size: int = BATCH_SIZE) -> None:
@@ -806,19 +954,37 @@ class Checker:
         self.workers = default_workers() if workers is None else workers
         self.batch_size = batch_size
         self._pool: Any = None
+        self._lock = threading.Lock()
+        self._in_flight = 0
         if self.workers > 1:
             context = multiprocessing.get_context(_start_method())
-            self._pool = context.Pool(self.workers, initializer=_install, initargs=(index,))
+            self._pool = context.Pool(self.workers - 1, initializer=_install, initargs=(index,))
+
+    def _finished(self, _: object) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    def _hand_over(self, batch: list[str]) -> Any:
+        """The pending result of `batch` in a forked process, or None when they all have enough."""
+        with self._lock:
+            if self._pool is None or self._in_flight >= 2 * (self.workers - 1):
+                return None
+            self._in_flight += 1
+        return self._pool.apply_async(
+            _check_installed, (batch,), callback=self._finished, error_callback=self._finished
+        )
 
     def check_all(self, docs: Iterable[str]) -> Iterator[Verdict]:
         """Verdicts in input order; the same ones whatever the worker count."""
-        batches = _batches(docs, self.batch_size)
-        if self._pool is None:
-            for batch in batches:
-                yield from check_batch(batch, self.index)
-            return
-        for verdicts in self._pool.imap(_check_installed, batches, chunksize=1):
-            yield from verdicts
+        ahead: deque[Any] = deque()  # pending results and finished verdict lists, in input order
+        for batch in _batches(docs, self.batch_size):
+            pending = self._hand_over(batch)
+            ahead.append(check_batch(batch, self.index) if pending is None else pending)
+            # Bounded: a slow process holds back at most a few finished batches behind it.
+            while ahead and (isinstance(ahead[0], list) or ahead[0].ready() or len(ahead) > 4 * self.workers):
+                yield from _settled(ahead.popleft())
+        while ahead:
+            yield from _settled(ahead.popleft())
 
     def close(self) -> None:
         if self._pool is not None:
@@ -831,6 +997,10 @@ class Checker:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def _settled(result: Any) -> list[Verdict]:
+    return result if isinstance(result, list) else _unpack(result.get())
 
 
 def check_all(
