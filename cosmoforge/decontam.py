@@ -336,13 +336,17 @@ def _powers(count: int) -> tuple[np.ndarray, np.ndarray]:
     return _powers_of(_BASE, count), _powers_of(_BASE_INVERSE, count)
 
 
+_SHIFT = np.uint64(33)
+_MIXERS = (np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53), np.uint64(1))
+
+
 def _mix(values: np.ndarray) -> np.ndarray:
-    # MurmurHash3's 64-bit finalizer spreads the polynomial's low-entropy high bits.
-    values = values ^ (values >> np.uint64(33))
-    values *= np.uint64(0xFF51AFD7ED558CCD)
-    values ^= values >> np.uint64(33)
-    values *= np.uint64(0xC4CEB9FE1A85EC53)
-    return values ^ (values >> np.uint64(33))
+    """MurmurHash3's 64-bit finalizer, in place: callers hand over arrays of their own."""
+    spare = np.empty_like(values)
+    for multiplier in _MIXERS:
+        values ^= np.right_shift(values, _SHIFT, out=spare)
+        values *= multiplier
+    return values
 
 
 def _prefix(values: np.ndarray, inverse: np.ndarray) -> np.ndarray:
@@ -399,8 +403,10 @@ def _locate(data: np.ndarray, texts: int) -> _Tokens:
     changes = np.flatnonzero(word[1:] != word[:-1])
     starts, ends = changes[0::2], changes[1::2]
     hashes = _token_hashes(data, starts, ends)
-    text_of = np.searchsorted(np.flatnonzero(data == _TEXT_END), starts)
-    counts = np.bincount(text_of, minlength=texts).astype(np.int64)
+    # Few texts, many tokens: find where each text ends among the tokens, not the reverse.
+    before = np.searchsorted(starts, np.flatnonzero(data == _TEXT_END))
+    counts = np.diff(before, prepend=0, append=starts.size)
+    text_of = np.repeat(np.arange(texts), counts)
     forward, inverse = _powers(hashes.size + 1)
     return _Tokens(hashes, _prefix(hashes, inverse), forward, text_of, np.cumsum(counts) - counts, counts)
 
@@ -443,36 +449,37 @@ def gram_hashes(text: str, k: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _BitFilter:
-    """Two bits per key, one in each of two tables: a key's top bits pick one, its low bits the other.
+    """A blocked Bloom filter: a key's top bits pick one 64-bit word, three 6-bit fields of its
+    low bits pick the bits to test in that word.
 
-    An absent key is ruled out unless both of its bits are set, so about 1 % of absent keys get
-    through to the binary search, while the tables stay small enough (8 to 16 bits per key each)
-    to sit in the processor's cache.
+    One cache miss per key, whatever the number of bits tested. About 10 bits per key (a word
+    per six keys) let about 0.2 % of absent keys through to the binary search.
     """
 
-    high: np.ndarray  # uint8, one bit per slot
-    low: np.ndarray
+    words: np.ndarray  # uint64
     bits: int
 
     @classmethod
     def of(cls, keys: np.ndarray) -> _BitFilter:
-        bits = min(30, max(12, int(np.ceil(np.log2(max(keys.size, 1) * 8)))))
-        tables = []
-        for slots in (keys >> np.uint64(64 - bits), keys & np.uint64((1 << bits) - 1)):
-            table = np.zeros(1 << (bits - 3), dtype=np.uint8)
-            bit = np.left_shift(1, slots & np.uint64(7)).astype(np.uint8)
-            np.bitwise_or.at(table, (slots >> np.uint64(3)).astype(np.intp), bit)
-            tables.append(table)
-        return cls(tables[0], tables[1], bits)
+        bits = min(27, max(6, int(np.ceil(np.log2(max(keys.size, 1) / 6)))))
+        words = np.zeros(1 << bits, dtype=np.uint64)
+        probes = np.zeros(keys.size, dtype=np.uint64)
+        for shift in _PROBES:
+            probes |= _ONE << ((keys >> shift) & _SIXTY_THREE)
+        np.bitwise_or.at(words, (keys >> np.uint64(64 - bits)).astype(np.intp), probes)
+        return cls(words, bits)
 
     def maybe(self, keys: np.ndarray) -> np.ndarray:
-        high = keys >> np.uint64(64 - self.bits)
-        low = keys & np.uint64((1 << self.bits) - 1)
-        found = self.high[(high >> np.uint64(3)).astype(np.intp)] >> (high & np.uint64(7)).astype(np.uint8)
-        found &= self.low[(low >> np.uint64(3)).astype(np.intp)] >> (low & np.uint64(7)).astype(np.uint8)
-        return (found & 1).view(bool)
+        word = self.words[(keys >> np.uint64(64 - self.bits)).astype(np.intp)]
+        found = np.ones(keys.size, dtype=np.uint64)
+        for shift in _PROBES:
+            found &= word >> ((keys >> shift) & _SIXTY_THREE)
+        return found.astype(bool)
 
 
+_PROBES = (np.uint64(0), np.uint64(6), np.uint64(12))
+_ONE = np.uint64(1)
+_SIXTY_THREE = np.uint64(63)
 _PAIR = np.uint64(0xD6E8FEB86659FD93)
 
 
@@ -523,6 +530,7 @@ class Index:
     lengths: tuple[int, ...]  # gram lengths present: n, plus the lengths of short items
     filter: _BitFilter  # over keys
     anchors: tuple[_Anchors, ...]  # where short items can start
+    grams: np.ndarray  # int64 distinct keys per item
     unmatchable: tuple[int, ...] = ()  # item ids too short to ever exceed the threshold
 
     @property
@@ -583,6 +591,7 @@ def build_index(items: Iterable[BenchmarkItem], config: Config | None = None) ->
         lengths=tuple(lengths),
         filter=_BitFilter.of(keys),
         anchors=tuple(anchors),
+        grams=np.bincount(owners, minlength=len(items)).astype(np.int64),
         unmatchable=tuple(np.flatnonzero(~matchable).tolist()),
     )
 
@@ -664,6 +673,8 @@ _CHAR_MULTIPLIER = np.uint64(0x100000001B3)
 _DOC_SEPARATOR = 0x0  # neither occurs in normalized text (word characters and spaces only)
 _ITEM_SEPARATOR = 0x1
 _SLOTS_PER_WINDOW = 4  # 16 to 32 flags per window in each of two tables
+_ENCODING = {True: "ascii", False: "utf-32-le"}  # by whether the text is ASCII
+_CODE = {True: np.uint8, False: np.uint32}
 
 
 @dataclass(frozen=True)
@@ -677,7 +688,7 @@ class _Side:
     """
 
     text: str
-    codes: np.ndarray  # uint32 code points
+    codes: np.ndarray  # code points: uint8 for ASCII text, uint32 otherwise
     width: int
     windows: np.ndarray  # uint64 hash of the window starting at each position
     tables: tuple[np.ndarray, np.ndarray]  # bool, 2**bits flags each
@@ -686,7 +697,8 @@ class _Side:
 
     @classmethod
     def of(cls, text: str, width: int) -> _Side:
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        # Normalized text is mostly ASCII: one byte per character is less to copy and decode.
+        codes = np.frombuffer(text.encode(_ENCODING[text.isascii()]), dtype=_CODE[text.isascii()])
         count = max(codes.size - width + 1, 0)
         wide = codes.astype(np.uint64)
         windows = wide[:count].copy()
@@ -727,11 +739,14 @@ class _Side:
         return covered
 
     def collapse(self, covered: np.ndarray, separator: int) -> str:
+        """The text with each run of characters outside `covered` replaced by one separator."""
         if covered.all():
             return self.text
-        run_start = ~covered & np.concatenate(([True], covered[:-1]))
-        codes = np.where(covered, self.codes, np.uint32(separator))[covered | run_start]
-        return codes.tobytes().decode("utf-32-le")
+        kept = np.empty(covered.size, dtype=bool)
+        kept[0] = True
+        np.logical_or(covered[1:], covered[:-1], out=kept[1:])  # and the first of each run outside
+        codes = np.where(covered, self.codes, self.codes.dtype.type(separator))[kept]
+        return codes.tobytes().decode(_ENCODING[self.codes.dtype == np.uint8])
 
 
 def _matched_chars(doc: str, item: str, min_block_chars: int) -> int:
@@ -755,13 +770,18 @@ class _Document:
 
 
 def _ratio(document: _Document, item: _Side, min_block_chars: int) -> float:
-    length = len(item.text)
-    if length <= min_block_chars:
-        return 0.0  # no block can be longer than the item
-    if item.text in document.text:
+    if len(item.text) > min_block_chars and item.text in document.text:
         # SequenceMatcher's first block is the longest common substring, here the whole item,
         # and nothing is left beside it: the ratio is exactly 1 without running it.
         return 1.0
+    return _partial_ratio(document, item, min_block_chars)
+
+
+def _partial_ratio(document: _Document, item: _Side, min_block_chars: int) -> float:
+    """The ratio of an item that is not inside the document whole."""
+    length = len(item.text)
+    if length <= min_block_chars:
+        return 0.0  # no block can be longer than the item
     doc = document.side
     item_covered = item.covered(item.starts_in(doc))
     if not item_covered.any():
@@ -842,7 +862,9 @@ def _verify(text: str, candidates: Sequence[_Candidate], index: Index) -> Verdic
     found, pending, settled = [], [], set()
     for candidate in candidates:
         item_text = index.normalized[candidate.item_id]
-        if len(item_text) > minimum and item_text in text:
+        # A whole copy holds each of the item's grams, so a document sharing fewer cannot.
+        whole = candidate.count >= index.grams[candidate.item_id]
+        if whole and len(item_text) > minimum and item_text in text:
             found.append(match(candidate, 1.0))
             settled.add(index.items[candidate.item_id].benchmark)
         else:
@@ -852,7 +874,9 @@ def _verify(text: str, candidates: Sequence[_Candidate], index: Index) -> Verdic
         if index.items[candidate.item_id].benchmark in settled:
             skipped += 1
             continue
-        found.append(match(candidate, _ratio(document, _item_side(index, candidate.item_id), minimum)))
+        found.append(
+            match(candidate, _partial_ratio(document, _item_side(index, candidate.item_id), minimum))
+        )
     found.sort(key=_sort_key)
     above = tuple(m for m in found if m.ratio > index.config.threshold)
     below = tuple(m for m in found if m.ratio <= index.config.threshold)
@@ -981,7 +1005,7 @@ class Checker:
             pending = self._hand_over(batch)
             ahead.append(check_batch(batch, self.index) if pending is None else pending)
             # Bounded: a slow process holds back at most a few finished batches behind it.
-            while ahead and (isinstance(ahead[0], list) or ahead[0].ready() or len(ahead) > 4 * self.workers):
+            while ahead and (isinstance(ahead[0], list) or ahead[0].ready() or len(ahead) > 64):
                 yield from _settled(ahead.popleft())
         while ahead:
             yield from _settled(ahead.popleft())
