@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import itertools
 import multiprocessing
 import os
 import re
@@ -919,26 +920,39 @@ def check(doc: str, index: Index) -> Verdict:
 # --- running on every core -----------------------------------------------------------------
 
 _installed: Index | None = None
+_claims: Any = None  # in forked processes: the ring of batch numbers the caller took back
+_CLAIMS = 1 << 16
 
 
-def _install(index: Index) -> None:
-    global _installed
-    _installed = index
+def _install(index: Index, claims: Any) -> None:
+    global _installed, _claims
+    _installed, _claims = index, claims
 
 
-def _check_installed(docs: Sequence[str]) -> tuple[list[int], dict[int, Verdict]]:
-    """A batch's verdicts, packed for the way back: token counts, and the verdicts with candidates."""
+def _check_installed(number: int, docs: Sequence[str]) -> tuple[list[int], dict[int, Verdict]] | None:
+    """A batch's verdicts, packed for the way back: token counts, and the verdicts with candidates.
+
+    None when the calling process has taken the batch back to check it itself.
+    """
     assert _installed is not None, "worker started without an index"
+    if _claims is not None and _claims[number % _CLAIMS] == number:
+        return None
     verdicts = check_batch(docs, _installed)
-    found = {
-        number: verdict for number, verdict in enumerate(verdicts) if verdict.matches or verdict.near_misses
-    }
+    found = {n: verdict for n, verdict in enumerate(verdicts) if verdict.matches or verdict.near_misses}
     return [verdict.tokens for verdict in verdicts], found
 
 
-def _unpack(packed: tuple[list[int], dict[int, Verdict]]) -> list[Verdict]:
-    tokens, found = packed
-    return [found.get(number) or _clean(count) for number, count in enumerate(tokens)]
+@dataclass
+class _Pending:
+    """A batch handed to a forked process, kept until its verdicts are back."""
+
+    number: int
+    batch: list[str]
+    result: Any  # multiprocessing's AsyncResult
+
+    def verdicts(self) -> list[Verdict]:
+        tokens, found = self.result.get()
+        return [found.get(n) or _clean(count) for n, count in enumerate(tokens)]
 
 
 def _batches(docs: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -964,14 +978,21 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+QUEUED = 16  # batches waiting for each forked process at most
+
+
 class Checker:
     """`workers` processes that check batches: this one and `workers - 1` forked ones holding the index.
 
     Started once and reused for every corpus: a long-running worker (or a benchmark) pays the
     start only once; `check_all` below is the one-shot form. The calling thread hands batches to
-    the forked processes while each has fewer than two (one in hand, one waiting) and checks
-    the batch itself otherwise, so every core is busy and the caller's own share of the work
-    never crosses a pipe. Calls from several threads share that count.
+    the forked processes until each has `QUEUED` waiting, and checks the next batch itself
+    whenever they have, so every core is busy and the caller's share never crosses a pipe.
+    The queue is deep because batches differ: one document can share n-grams with hundreds of
+    items, and the forked processes must not run dry while the caller checks it. At the end of
+    the input the caller takes back the last batches still waiting, so the queue does not leave
+    it idle either; a forked process skips a batch taken back. Calls from several threads share
+    the queue, and one of them at a time checks here (they would only share one interpreter).
     """
 
     def __init__(self, index: Index, workers: int | None = None, batch_size: int = BATCH_SIZE) -> None:
@@ -979,37 +1000,70 @@ class Checker:
         self.workers = default_workers() if workers is None else workers
         self.batch_size = batch_size
         self._pool: Any = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the two counters
         self._in_flight = 0
+        self._numbers = itertools.count(1)  # never 0, which the claims ring starts filled with
+        self._here = threading.Lock()  # held by the thread checking in this process
         if self.workers > 1:
             context = multiprocessing.get_context(_start_method())
-            self._pool = context.Pool(self.workers - 1, initializer=_install, initargs=(index,))
+            self._claims = context.RawArray("q", _CLAIMS)
+            self._pool = context.Pool(self.workers - 1, initializer=_install, initargs=(index, self._claims))
 
     def _finished(self, _: object) -> None:
         with self._lock:
             self._in_flight -= 1
 
-    def _hand_over(self, batch: list[str]) -> Any:
-        """The pending result of `batch` in a forked process, or None when they all have enough."""
+    def _hand_over(self, batch: list[str]) -> _Pending | None:
+        """`batch` on its way to a forked process, or None when they all have enough waiting."""
         with self._lock:
-            if self._pool is None or self._in_flight >= 2 * (self.workers - 1):
+            if self._pool is None or self._in_flight >= QUEUED * (self.workers - 1):
                 return None
             self._in_flight += 1
-        return self._pool.apply_async(
-            _check_installed, (batch,), callback=self._finished, error_callback=self._finished
+            number = next(self._numbers)
+        result = self._pool.apply_async(
+            _check_installed, (number, batch), callback=self._finished, error_callback=self._finished
         )
+        return _Pending(number, batch, result)
+
+    def _check_here(self, batch: list[str]) -> list[Verdict]:
+        with self._here:
+            return check_batch(batch, self.index)
+
+    def _take_back(self, ahead: deque[_Pending | list[Verdict]]) -> bool:
+        """Check here the latest batch still waiting for a forked process, if this process is free."""
+        for position in range(len(ahead) - 1, -1, -1):
+            entry = ahead[position]
+            if isinstance(entry, _Pending) and not entry.result.ready():
+                if not self._here.acquire(blocking=False):
+                    return False
+                try:
+                    self._claims[entry.number % _CLAIMS] = entry.number
+                    ahead[position] = check_batch(entry.batch, self.index)
+                finally:
+                    self._here.release()
+                return True
+        return False
+
+    def _settle(self, ahead: deque[_Pending | list[Verdict]], keep: int) -> Iterator[Verdict]:
+        """Verdicts of the batches at the front that are done, and of more until `keep` remain."""
+        while ahead:
+            front = ahead[0]
+            done = isinstance(front, list) or front.result.ready()
+            if not done and len(ahead) <= keep:
+                return
+            if not done and self._take_back(ahead):
+                continue
+            ahead.popleft()
+            yield from front if isinstance(front, list) else front.verdicts()
 
     def check_all(self, docs: Iterable[str]) -> Iterator[Verdict]:
         """Verdicts in input order; the same ones whatever the worker count."""
-        ahead: deque[Any] = deque()  # pending results and finished verdict lists, in input order
+        ahead: deque[_Pending | list[Verdict]] = deque()  # in input order
         for batch in _batches(docs, self.batch_size):
-            pending = self._hand_over(batch)
-            ahead.append(check_batch(batch, self.index) if pending is None else pending)
-            # Bounded: a slow process holds back at most a few finished batches behind it.
-            while ahead and (isinstance(ahead[0], list) or ahead[0].ready() or len(ahead) > 64):
-                yield from _settled(ahead.popleft())
-        while ahead:
-            yield from _settled(ahead.popleft())
+            ahead.append(self._hand_over(batch) or self._check_here(batch))
+            # Bounded: a slow process holds back at most so many finished batches behind it.
+            yield from self._settle(ahead, keep=4 * QUEUED * self.workers)
+        yield from self._settle(ahead, keep=0)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -1022,10 +1076,6 @@ class Checker:
 
     def __exit__(self, *_: object) -> None:
         self.close()
-
-
-def _settled(result: Any) -> list[Verdict]:
-    return result if isinstance(result, list) else _unpack(result.get())
 
 
 def check_all(
