@@ -45,7 +45,7 @@ import os
 import re
 import threading
 import unicodedata
-from collections import Counter, defaultdict, deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -394,6 +394,13 @@ class _Tokens:
     text_of: np.ndarray  # int64 which text each token belongs to
     first_token: np.ndarray  # int64 index of each text's first token
     counts: np.ndarray  # int64 tokens per text
+    data: np.ndarray  # the `_normalized_bytes` they come from
+    breaks: np.ndarray  # int64 where each text ends in `data`, a separator or the end
+
+    def text(self, number: int) -> str:
+        """A text, normalized: the same string as `normalize` gives."""
+        start = int(self.breaks[number - 1]) + 1 if number else 0
+        return " ".join(self.data[start : self.breaks[number]].tobytes().decode("utf-8").split())
 
 
 def _locate(data: np.ndarray, texts: int) -> _Tokens:
@@ -405,11 +412,12 @@ def _locate(data: np.ndarray, texts: int) -> _Tokens:
     starts, ends = changes[0::2], changes[1::2]
     hashes = _token_hashes(data, starts, ends)
     # Few texts, many tokens: find where each text ends among the tokens, not the reverse.
-    before = np.searchsorted(starts, np.flatnonzero(data == _TEXT_END))
-    counts = np.diff(before, prepend=0, append=starts.size)
+    breaks = np.append(np.flatnonzero(data == _TEXT_END), data.size)
+    counts = np.diff(np.searchsorted(starts, breaks), prepend=0)
     text_of = np.repeat(np.arange(texts), counts)
     forward, inverse = _powers(hashes.size + 1)
-    return _Tokens(hashes, _prefix(hashes, inverse), forward, text_of, np.cumsum(counts) - counts, counts)
+    first_token = np.cumsum(counts) - counts
+    return _Tokens(hashes, _prefix(hashes, inverse), forward, text_of, first_token, counts, data, breaks)
 
 
 def _tokens_of(texts: Sequence[str]) -> _Tokens:
@@ -533,6 +541,7 @@ class Index:
     filter: _BitFilter  # over keys
     anchors: tuple[_Anchors, ...]  # where short items can start
     grams: np.ndarray  # int64 distinct keys per item
+    benchmark_of: np.ndarray  # int64 number of each item's benchmark
     unmatchable: tuple[int, ...] = ()  # item ids too short to ever exceed the threshold
 
     @property
@@ -594,6 +603,7 @@ def build_index(items: Iterable[BenchmarkItem], config: Config | None = None) ->
         filter=_BitFilter.of(keys),
         anchors=tuple(anchors),
         grams=np.bincount(owners, minlength=len(items)).astype(np.int64),
+        benchmark_of=np.unique([item.benchmark for item in items], return_inverse=True)[1].astype(np.int64),
         unmatchable=tuple(np.flatnonzero(~matchable).tolist()),
     )
 
@@ -610,6 +620,10 @@ class _Hits:
     first: np.ndarray  # int64 token position (in the document) of the first shared gram
     length: np.ndarray  # int64 length of that gram
     count: np.ndarray  # int64 number of shared gram positions
+
+    def part(self, start: int, end: int) -> _Hits:
+        rows = slice(start, end)
+        return _Hits(self.docs[rows], self.items[rows], self.first[rows], self.length[rows], self.count[rows])
 
 
 def _lookup(grams: np.ndarray, index: Index) -> tuple[np.ndarray, np.ndarray]:
@@ -828,60 +842,47 @@ def _sort_key(match: Match) -> tuple[float, str, int]:
     return (-match.ratio, match.benchmark, match.item_index)
 
 
-@dataclass(frozen=True)
-class _Candidate:
-    item_id: int
-    first: int  # token position of the first shared gram in the document
-    length: int  # its length in tokens
-    count: int  # shared gram positions
-
-
-def _verify(text: str, candidates: Sequence[_Candidate], index: Index) -> Verdict:
-    """Ratios of a document's candidate items, whole copies first.
+def _verify(text: str, hits: _Hits, index: Index) -> Verdict:
+    """Ratios of a document's candidate items (`hits` of this document only), whole copies first.
 
     A document holding a whole normalized item is removed, with that item as its best match in
     that item's benchmark (ratio 1, the highest there is). Other candidates of the same benchmark
-    are then still tested for whole copies but not run through SequenceMatcher: nothing they
-    could show changes the document's fate or its best match. This matters for items that share
-    long stems (MMLU's 895 moral scenarios): one copied scenario makes all of them candidates.
+    are then left unscored: nothing they could show changes the document's fate or its best
+    match. This matters for items that share long stems (MMLU's 895 moral scenarios): one
+    copied scenario makes all of them candidates.
     """
     minimum = index.config.min_block_chars
     document = _Document(text, minimum + 1)
     words = text.split(" ")
 
-    def match(candidate: _Candidate, ratio: float) -> Match:
-        item = index.items[candidate.item_id]
+    def match(row: int, ratio: float) -> Match:
+        item_id, first = int(hits.items[row]), int(hits.first[row])
+        item = index.items[item_id]
         return Match(
-            item_id=candidate.item_id,
+            item_id=item_id,
             benchmark=item.benchmark,
             item_index=item.index,
             item_text=item.text,
-            ngram=" ".join(words[candidate.first : candidate.first + candidate.length]),
-            shared_ngrams=candidate.count,
+            ngram=" ".join(words[first : first + int(hits.length[row])]),
+            shared_ngrams=int(hits.count[row]),
             ratio=ratio,
         )
 
-    found, pending, settled = [], [], set()
-    for candidate in candidates:
-        item_text = index.normalized[candidate.item_id]
-        # A whole copy holds each of the item's grams, so a document sharing fewer cannot.
-        whole = candidate.count >= index.grams[candidate.item_id]
-        if whole and len(item_text) > minimum and item_text in text:
-            found.append(match(candidate, 1.0))
-            settled.add(index.items[candidate.item_id].benchmark)
-        else:
-            pending.append(candidate)
-    skipped = 0
-    for candidate in pending:
-        if index.items[candidate.item_id].benchmark in settled:
-            skipped += 1
-            continue
-        found.append(
-            match(candidate, _partial_ratio(document, _item_side(index, candidate.item_id), minimum))
-        )
+    # A whole copy holds each of the item's grams, so a document sharing fewer cannot hold one.
+    found, whole = [], np.zeros(hits.items.size, dtype=bool)
+    for row in np.flatnonzero(hits.count >= index.grams[hits.items]).tolist():
+        item_text = index.normalized[hits.items[row]]
+        if len(item_text) > minimum and item_text in text:
+            found.append(match(row, 1.0))
+            whole[row] = True
+    benchmark = index.benchmark_of[hits.items]
+    pending = np.flatnonzero(~np.isin(benchmark, benchmark[whole]))
+    for row in pending.tolist():
+        found.append(match(row, _partial_ratio(document, _item_side(index, int(hits.items[row])), minimum)))
     found.sort(key=_sort_key)
     above = tuple(m for m in found if m.ratio > index.config.threshold)
     below = tuple(m for m in found if m.ratio <= index.config.threshold)
+    skipped = hits.items.size - int(whole.sum()) - pending.size
     return Verdict(bool(above), above, below, len(words) if text else 0, skipped)
 
 
@@ -889,21 +890,13 @@ def check_batch(docs: Sequence[str], index: Index) -> list[Verdict]:
     """Verdicts for a batch of documents, in order."""
     tokens = _tokens_of(docs)
     hits = _batch_hits(tokens, index)
-    candidates: dict[int, list[_Candidate]] = defaultdict(list)
-    for doc, item_id, first, length, count in zip(
-        hits.docs.tolist(),
-        hits.items.tolist(),
-        hits.first.tolist(),
-        hits.length.tolist(),
-        hits.count.tolist(),
-        strict=True,
-    ):
-        candidates[doc].append(_Candidate(item_id, first, length, count))
-    # Only candidates need their normalized text; the others need only their token count.
-    return [
-        _verify(normalize(docs[number]), candidates[number], index) if number in candidates else _clean(count)
-        for number, count in enumerate(tokens.counts.tolist())
-    ]
+    verdicts = [_clean(count) for count in tokens.counts.tolist()]
+    # Hits come sorted by document: each candidate document gets its own slice.
+    numbers, starts = np.unique(hits.docs, return_index=True)
+    bounds = np.append(starts, hits.docs.size).tolist()
+    for number, start, end in zip(numbers.tolist(), bounds[:-1], bounds[1:], strict=True):
+        verdicts[number] = _verify(tokens.text(number), hits.part(start, end), index)
+    return verdicts
 
 
 @lru_cache(maxsize=4096)
