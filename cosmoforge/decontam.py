@@ -508,16 +508,21 @@ class _Anchors:
 
     length: int
     hashes: np.ndarray  # uint64, sorted, distinct
-    filter: _BitFilter
+    flags: np.ndarray  # bool, set at the top `bits` bits of each hash: one lookup rules most tokens out
+    bits: int
 
     @classmethod
     def of(cls, length: int, hashes: np.ndarray) -> _Anchors:
         hashes = np.unique(hashes)
-        return cls(length, hashes, _BitFilter.of(hashes))
+        # At least 64 flags per anchor; a few thousand anchors keep the table in cache.
+        bits = min(24, max(10, int(hashes.size).bit_length() + 6))
+        flags = np.zeros(1 << bits, dtype=bool)
+        flags[(hashes >> np.uint64(64 - bits)).astype(np.intp)] = True
+        return cls(length, hashes, flags, bits)
 
     def starts(self, tokens: _Tokens) -> np.ndarray:
         heads = _heads(tokens.hashes, self.length)
-        first = np.flatnonzero(self.filter.maybe(heads))
+        first = np.flatnonzero(self.flags[(heads >> np.uint64(64 - self.bits)).astype(np.intp)])
         slot = np.minimum(np.searchsorted(self.hashes, heads[first]), self.hashes.size - 1)
         first = first[self.hashes[slot] == heads[first]]
         last = first + (self.length - 1)
