@@ -24,15 +24,17 @@ by n-gram keeps only the last one), matches items shorter than n words, and give
 answer for any worker count or `PYTHONHASHSEED` (hashes are computed from bytes, never with
 `hash()`).
 
-Speed comes from integers, not from changing the answer: a batch of documents is normalized
-by one table lookup per character (numpy), tokens and n-grams are hashed from prefix sums in a
-few numpy passes, the index is a sorted `uint64` array with the owning item per entry, looked
-up with `np.searchsorted` behind a bit filter, and short items are looked for only where their
-first two words occur. Only candidates reach SequenceMatcher, on texts shortened in a way that
-provably keeps the ratio (see "verification" below), and a document holding the whole
-normalized item skips it (its first block is then the entire item: ratio 1). SequenceMatcher
-comes from `cydifflib` when installed, a C++ port of difflib that returns the same blocks, and
-from `difflib` otherwise. Batches run on every core in forked workers that inherit the index.
+Speed comes from integers, not from changing the answer: a batch of documents becomes one
+UTF-8 byte string, normalized by one `bytes.translate` for its ASCII and a table lookup for each
+other character; tokens are hashed from their bytes read eight at a time, n-grams from prefix
+sums over the token hashes, in a few numpy passes; the index is a sorted `uint64` array of
+distinct n-gram hashes with the items holding each, looked up with `np.searchsorted` behind a
+blocked Bloom filter; short items are looked for only where their first two words occur. Only
+candidates reach SequenceMatcher, on texts shortened in a way that provably keeps the ratio (see
+"verification" below), and a document holding the whole normalized item skips it (its first
+block is then the entire item: ratio 1). SequenceMatcher comes from `cydifflib` when installed,
+a C++ port of difflib that returns the same blocks, and from `difflib` otherwise. Batches run on
+every core: in the calling process and in forked workers that inherit the index (`Checker`).
 """
 
 from __future__ import annotations
@@ -130,9 +132,10 @@ class Verdict:
 # `normalize` below is the definition. Batches take a faster road that gives the same tokens:
 # every step of the recipe maps one character to at most one character without looking at
 # its neighbours (NFD's reordering only moves marks, which are dropped), so a table indexed
-# by code point does all four steps in one numpy gather. Characters where that fails (NFD
-# to several letters, as Hangul syllables; capital sigma, whose lowercase depends on the next
-# letter) send their document down the definition's road.
+# by code point does all four steps: one `bytes.translate` for ASCII, one lookup for each other
+# character. Characters where that fails (NFD to several letters, as Hangul syllables; capital
+# sigma, whose lowercase depends on the next letter) send their document down the definition's
+# road.
 
 _WORD = re.compile(r"\w+")
 _NON_ASCII = re.compile(r"[^\x00-\x7f]+")
@@ -213,26 +216,25 @@ def _ascii_byte(code: int) -> int:
     return ord(char.lower()) if char.isascii() and (char.isalnum() or char == "_") else _SPACE
 
 
-_ASCII_BYTES = bytes(_ascii_byte(code) for code in range(256))
-
-
+# ASCII bytes as the recipe maps them; the bytes of longer UTF-8 sequences stay for the table.
 _UTF8_BYTES = bytes(_ascii_byte(code) if code < 0x80 else code for code in range(256))
 
 
 def _normalized_bytes(texts: Sequence[str]) -> np.ndarray:
     """UTF-8 of the normalized texts (uint8): tokens apart by runs of spaces, texts by newlines."""
     joined = "\0".join(texts)
-    if joined.count("\0") >= len(texts):  # a text's own NULs are word breaks, as any control
+    raw = joined.encode("utf-8", "surrogatepass")
+    if raw.count(0) >= len(texts):  # a text's own NULs are word breaks, as any control
         texts = [text.replace("\0", " ") for text in texts]
         joined = "\0".join(texts)
+        raw = joined.encode("utf-8", "surrogatepass")
     if joined.isascii():
-        return np.frombuffer(joined.encode("ascii").translate(_ASCII_BYTES), dtype=np.uint8)
+        return np.frombuffer(raw.translate(_UTF8_BYTES), dtype=np.uint8)
     # Mostly ASCII with a few accents and dashes: ASCII bytes by one translate, the few other
     # characters one by one through the table, written back in place. A text holding one the
     # table cannot say (a Hangul syllable, a capital sigma) goes through the definition first.
     for attempt in range(2):
-        raw = joined.encode("utf-8", "surrogatepass").translate(_UTF8_BYTES)
-        data = np.frombuffer(raw, dtype=np.uint8)
+        data = np.frombuffer(raw.translate(_UTF8_BYTES), dtype=np.uint8)
         folded, stuck = _fold_non_ascii(data.copy())
         if stuck.size == 0:
             return folded
@@ -240,6 +242,7 @@ def _normalized_bytes(texts: Sequence[str]) -> np.ndarray:
             numbers = set(np.searchsorted(np.flatnonzero(data == _TEXT_END), stuck).tolist())
             texts = [normalize(text) if number in numbers else text for number, text in enumerate(texts)]
             joined = "\0".join(texts)
+            raw = joined.encode("utf-8", "surrogatepass")
     codes = _normalized_codes(joined, texts)
     return np.frombuffer(
         codes.astype(np.uint32).tobytes().decode("utf-32-le").encode("utf-8"), dtype=np.uint8
