@@ -697,6 +697,7 @@ _CHAR_MULTIPLIER = np.uint64(0x100000001B3)
 _DOC_SEPARATOR = 0x0  # neither occurs in normalized text (word characters and spaces only)
 _ITEM_SEPARATOR = 0x1
 _SLOTS_PER_WINDOW = 4  # 16 to 32 flags per window in each of two tables
+_CACHED_SLOTS = 1 << 16  # windows of a text whose slots are kept for the next item
 _ENCODING = {True: "ascii", False: "utf-32-le"}  # by whether the text is ASCII
 _CODE = {True: np.uint8, False: np.uint32}
 
@@ -730,7 +731,7 @@ class _Side:
             windows *= _CHAR_MULTIPLIER
             windows += wide[offset : offset + count]
         windows *= _GOLDEN  # the flags come from the top bits: spread them
-        bits = min(30, count.bit_length() + _SLOTS_PER_WINDOW)
+        bits = min(24, count.bit_length() + _SLOTS_PER_WINDOW)
         side = cls(text, codes, width, windows, (np.zeros(1 << bits, bool), np.zeros(1 << bits, bool)), bits)
         for table, slots in zip(side.tables, side.slots(bits), strict=True):
             table[slots] = True
@@ -743,7 +744,9 @@ class _Side:
         if found is None:
             high = self.windows >> np.uint64(64 - 2 * bits)
             first, second = (high >> np.uint64(bits)).astype(np.intp), (high & np.uint64((1 << bits) - 1))
-            found = self._slots[bits] = (first, second.astype(np.intp))
+            found = (first, second.astype(np.intp))
+            if self.windows.size <= _CACHED_SLOTS:  # a huge document recomputes them: memory
+                self._slots[bits] = found
         return found
 
     def starts_in(self, other: _Side) -> np.ndarray:
