@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -206,6 +207,21 @@ def test_every_item_sharing_an_ngram_is_checked_not_only_the_first_hit() -> None
     # With item 1 there whole, it is the best match there can be: the siblings are not scored.
     whole = check(f"{stem}? Lying to a landlord is one example. {items[1].text}", index)
     assert [m.item_index for m in whole.matches] == [1] and whole.skipped == 3 and not whole.near_misses
+
+
+def test_a_batch_taken_back_by_the_caller_is_skipped_by_the_forked_process(index: decontam.Index) -> None:
+    claims = multiprocessing.RawArray("q", decontam._CLAIMS)
+    saved = decontam._installed, decontam._claims
+    try:
+        decontam._install(index, claims)
+        docs = [FILLER + ITEMS[0].text, FILLER]
+        tokens, found = decontam._check_installed(7, docs) or ([], {})
+        assert tokens == [v.tokens for v in check_all(docs, index, workers=1)] and list(found) == [0]
+        claims[7] = 7  # the caller checks batch 7 itself
+        assert decontam._check_installed(7, docs) is None
+        assert decontam._check_installed(7 + decontam._CLAIMS, docs) is not None  # another batch
+    finally:
+        decontam._installed, decontam._claims = saved
 
 
 def test_same_verdicts_for_any_worker_count_and_hash_seed(index: decontam.Index) -> None:
