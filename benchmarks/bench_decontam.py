@@ -320,12 +320,11 @@ def _timed(run: Callable[[], T]) -> tuple[T, Timing]:
 
 
 def _workers_cpu(checker: decontam.Checker) -> float:
-    """CPU seconds the checker's worker processes have used (Linux /proc), 0 where unknown."""
-    pool = getattr(checker, "_pool", None)
+    """CPU seconds the checker's forked processes have used (Linux /proc), 0 where unknown."""
     total = 0.0
-    for process in getattr(pool, "_pool", []) or []:
+    for pid in checker.processes():
         try:
-            fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             return 0.0
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

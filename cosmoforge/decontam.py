@@ -39,11 +39,14 @@ every core: in the calling process and in forked workers that inherit the index 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import itertools
+import logging
 import multiprocessing
 import os
+import queue
 import re
 import threading
 import unicodedata
@@ -923,40 +926,46 @@ def check(doc: str, index: Index) -> Verdict:
 
 # --- running on every core -----------------------------------------------------------------
 
-_installed: Index | None = None
-_claims: Any = None  # in forked processes: the ring of batch numbers the caller took back
-_CLAIMS = 1 << 16
+
+Packed = tuple[list[int], dict[int, Verdict]]
 
 
-def _install(index: Index, claims: Any) -> None:
-    global _installed, _claims
-    _installed, _claims = index, claims
-
-
-def _check_installed(number: int, docs: Sequence[str]) -> tuple[list[int], dict[int, Verdict]] | None:
-    """A batch's verdicts, packed for the way back: token counts, and the verdicts with candidates.
-
-    None when the calling process has taken the batch back to check it itself.
-    """
-    assert _installed is not None, "worker started without an index"
-    if _claims is not None and _claims[number % _CLAIMS] == number:
-        return None
-    verdicts = check_batch(docs, _installed)
+def _pack(verdicts: list[Verdict]) -> Packed:
+    """Verdicts for the way back from a forked process: token counts, and those with candidates."""
     found = {n: verdict for n, verdict in enumerate(verdicts) if verdict.matches or verdict.near_misses}
     return [verdict.tokens for verdict in verdicts], found
 
 
-@dataclass
-class _Pending:
-    """A batch handed to a forked process, kept until its verdicts are back."""
+def _unpack(packed: Packed) -> list[Verdict]:
+    tokens, found = packed
+    return [found.get(n) or _clean(count) for n, count in enumerate(tokens)]
 
-    number: int
-    batch: list[str]
-    result: Any  # multiprocessing's AsyncResult
 
-    def verdicts(self) -> list[Verdict]:
-        tokens, found = self.result.get()
-        return [found.get(n) or _clean(count) for n, count in enumerate(tokens)]
+def _serve(connection: Any, index: Index, inherited: list[Any]) -> None:
+    """A forked process: check each batch that arrives and send back its verdicts, until told to stop.
+
+    The caller's ends of the pipes (this process's and its elder siblings') came along with the
+    fork: closed here, so that the pipe ends when the caller does, and this process with it.
+    """
+    for end in inherited:
+        end.close()
+    while True:
+        try:
+            message = connection.recv()
+        except EOFError:
+            return
+        if message is None:
+            return
+        number, docs = message
+        try:
+            reply: tuple[int, Packed | None, BaseException | None] = (
+                number,
+                _pack(check_batch(docs, index)),
+                None,
+            )
+        except Exception as error:  # raised in the caller, as if it had checked the batch
+            reply = (number, None, error)
+        connection.send(reply)
 
 
 def _batches(docs: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -982,6 +991,107 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+@dataclass(eq=False)
+class _Pending:
+    """A batch handed to a forked process. `done` is set when its verdicts are back, or when they
+    never will be (`lost`: the process died)."""
+
+    batch: list[str]
+    done: threading.Event = field(default_factory=threading.Event)
+    packed: Packed | None = None
+    error: BaseException | None = None
+    lost: bool = False
+    claimed: bool = False  # the caller checks it instead: not sent if not sent yet
+
+
+class _Forked:
+    """One forked checking process with its own pipe, and two threads so that the caller never
+    waits on it: one sends the batches as the process takes them, one collects the verdicts.
+
+    A process that dies loses only the batches it was sent: they are marked lost, and the
+    caller checks them itself.
+    """
+
+    def __init__(self, context: Any, index: Index, elder: list[_Forked]) -> None:
+        self.connection, child = context.Pipe()
+        inherited = [self.connection, *(forked.connection for forked in elder)]
+        self.process = context.Process(target=_serve, args=(child, index, inherited), daemon=True)
+        self.process.start()
+        child.close()
+        self.lock = threading.Lock()
+        self.alive = True
+        self.waiting = 0  # batches handed over and not back
+        self._sent: dict[int, _Pending] = {}
+        self._outbox: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._numbers = itertools.count()
+
+    def start(self) -> None:
+        """Start the threads, once every process is forked: a fork copies no thread but may copy
+        a lock one of them holds."""
+        threading.Thread(target=self._send, name="decontam-send", daemon=True).start()
+        threading.Thread(target=self._receive, name="decontam-receive", daemon=True).start()
+
+    def hand_over(self, batch: list[str]) -> _Pending:
+        pending = _Pending(batch)
+        with self.lock:
+            self.waiting += 1
+        self._outbox.put(pending)
+        return pending
+
+    def _settle(
+        self, pending: _Pending, packed: Packed | None = None, error: BaseException | None = None
+    ) -> None:
+        with self.lock:
+            self.waiting -= 1
+        pending.packed, pending.error, pending.lost = packed, error, packed is None and error is None
+        pending.done.set()
+
+    def _send(self) -> None:
+        while (pending := self._outbox.get()) is not None:
+            number = next(self._numbers)
+            with self.lock:
+                go = self.alive and not pending.claimed
+                if go:
+                    self._sent[number] = pending
+            if not go:
+                self._settle(pending)
+                continue
+            # If the process is gone, the receiving thread marks its batches lost.
+            with contextlib.suppress(OSError):
+                self.connection.send((number, pending.batch))
+        with contextlib.suppress(OSError):
+            self.connection.send(None)
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                number, packed, error = self.connection.recv()
+            except (EOFError, OSError):
+                break
+            with self.lock:
+                pending = self._sent.pop(number)
+            self._settle(pending, packed, error)
+        with self.lock:
+            self.alive, lost = False, list(self._sent.values())
+            self._sent.clear()
+        if lost or self.process.exitcode not in (None, 0):
+            logging.getLogger(__name__).warning(
+                "a decontamination process ended (exit code %s); its %d batches are checked by the caller",
+                self.process.exitcode,
+                len(lost),
+            )
+        for pending in lost:
+            self._settle(pending)
+
+    def close(self) -> None:
+        self._outbox.put(None)
+        self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.connection.close()
+
+
 QUEUED = 16  # batches waiting for each forked process at most
 
 
@@ -994,71 +1104,80 @@ class Checker:
     whenever they have, so every core is busy and the caller's share never crosses a pipe.
     The queue is deep because batches differ: one document can share n-grams with hundreds of
     items, and the forked processes must not run dry while the caller checks it. At the end of
-    the input the caller takes back the last batches still waiting, so the queue does not leave
-    it idle either; a forked process skips a batch taken back. Calls from several threads share
-    the queue, and one of them at a time checks here (they would only share one interpreter).
+    the input the caller takes back the last batches not yet sent, so the queue does not leave
+    it idle either. A forked process that dies (out of memory, killed) loses nothing: the
+    caller checks the batches it held and all that follow. Calls from several threads share
+    the processes, and one of them at a time checks here (they would only share one interpreter).
     """
 
     def __init__(self, index: Index, workers: int | None = None, batch_size: int = BATCH_SIZE) -> None:
         self.index = index
         self.workers = default_workers() if workers is None else workers
         self.batch_size = batch_size
-        self._pool: Any = None
-        self._lock = threading.Lock()  # guards the two counters
-        self._in_flight = 0
-        self._numbers = itertools.count(1)  # never 0, which the claims ring starts filled with
+        self._lock = threading.Lock()  # choosing a forked process
         self._here = threading.Lock()  # held by the thread checking in this process
-        if self.workers > 1:
-            context = multiprocessing.get_context(_start_method())
-            self._claims = context.RawArray("q", _CLAIMS)
-            self._pool = context.Pool(self.workers - 1, initializer=_install, initargs=(index, self._claims))
+        context = multiprocessing.get_context(_start_method())
+        self._forked: list[_Forked] = []
+        for _ in range(self.workers - 1):
+            self._forked.append(_Forked(context, index, self._forked))
+        for forked in self._forked:
+            forked.start()
 
-    def _finished(self, _: object) -> None:
-        with self._lock:
-            self._in_flight -= 1
+    def processes(self) -> list[int]:
+        """Process ids of the forked processes still checking."""
+        return [forked.process.pid for forked in self._forked if forked.alive]
 
     def _hand_over(self, batch: list[str]) -> _Pending | None:
         """`batch` on its way to a forked process, or None when they all have enough waiting."""
         with self._lock:
-            if self._pool is None or self._in_flight >= QUEUED * (self.workers - 1):
+            free = [forked for forked in self._forked if forked.alive and forked.waiting < QUEUED]
+            if not free:
                 return None
-            self._in_flight += 1
-            number = next(self._numbers)
-        result = self._pool.apply_async(
-            _check_installed, (number, batch), callback=self._finished, error_callback=self._finished
-        )
-        return _Pending(number, batch, result)
+            return min(free, key=lambda forked: forked.waiting).hand_over(batch)
 
     def _check_here(self, batch: list[str]) -> list[Verdict]:
         with self._here:
             return check_batch(batch, self.index)
 
     def _take_back(self, ahead: deque[_Pending | list[Verdict]]) -> bool:
-        """Check here the latest batch still waiting for a forked process, if this process is free."""
-        for position in range(len(ahead) - 1, -1, -1):
-            entry = ahead[position]
-            if isinstance(entry, _Pending) and not entry.result.ready():
-                if not self._here.acquire(blocking=False):
-                    return False
-                try:
-                    self._claims[entry.number % _CLAIMS] = entry.number
-                    ahead[position] = check_batch(entry.batch, self.index)
-                finally:
-                    self._here.release()
-                return True
-        return False
+        """Check here the latest batch still waiting for a forked process, if this process is free.
+
+        The first batches not back are left alone: the forked processes are on them.
+        """
+        waiting = [
+            n for n, entry in enumerate(ahead) if isinstance(entry, _Pending) and not entry.done.is_set()
+        ]
+        if len(waiting) < self.workers or not self._here.acquire(blocking=False):
+            return False
+        try:
+            entry = ahead[waiting[-1]]
+            assert isinstance(entry, _Pending)
+            entry.claimed = True
+            ahead[waiting[-1]] = check_batch(entry.batch, self.index)
+        finally:
+            self._here.release()
+        return True
+
+    def _verdicts(self, entry: _Pending | list[Verdict]) -> list[Verdict]:
+        if isinstance(entry, list):
+            return entry
+        if entry.error is not None:
+            raise entry.error
+        if entry.packed is None:  # lost with its process
+            return self._check_here(entry.batch)
+        return _unpack(entry.packed)
 
     def _settle(self, ahead: deque[_Pending | list[Verdict]], keep: int) -> Iterator[Verdict]:
         """Verdicts of the batches at the front that are done, and of more until `keep` remain."""
         while ahead:
             front = ahead[0]
-            done = isinstance(front, list) or front.result.ready()
-            if not done and len(ahead) <= keep:
-                return
-            if not done and self._take_back(ahead):
+            if isinstance(front, _Pending) and not front.done.is_set():
+                if len(ahead) <= keep:
+                    return
+                if not self._take_back(ahead):
+                    front.done.wait()
                 continue
-            ahead.popleft()
-            yield from front if isinstance(front, list) else front.verdicts()
+            yield from self._verdicts(ahead.popleft())
 
     def check_all(self, docs: Iterable[str]) -> Iterator[Verdict]:
         """Verdicts in input order; the same ones whatever the worker count."""
@@ -1070,10 +1189,9 @@ class Checker:
         yield from self._settle(ahead, keep=0)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-            self._pool = None
+        for forked in self._forked:
+            forked.close()
+        self._forked = []
 
     def __enter__(self) -> Checker:
         return self

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import difflib
 import json
-import multiprocessing
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import unicodedata
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -209,26 +210,30 @@ def test_every_item_sharing_an_ngram_is_checked_not_only_the_first_hit() -> None
     assert [m.item_index for m in whole.matches] == [1] and whole.skipped == 3 and not whole.near_misses
 
 
-def test_a_batch_taken_back_by_the_caller_is_skipped_by_the_forked_process(index: decontam.Index) -> None:
-    claims = multiprocessing.RawArray("q", decontam._CLAIMS)
-    saved = decontam._installed, decontam._claims
-    try:
-        decontam._install(index, claims)
-        docs = [FILLER + ITEMS[0].text, FILLER]
-        tokens, found = decontam._check_installed(7, docs) or ([], {})
-        assert tokens == [v.tokens for v in check_all(docs, index, workers=1)] and list(found) == [0]
-        claims[7] = 7  # the caller checks batch 7 itself
-        assert decontam._check_installed(7, docs) is None
-        assert decontam._check_installed(7 + decontam._CLAIMS, docs) is not None  # another batch
-    finally:
-        decontam._installed, decontam._claims = saved
+def test_a_killed_checking_process_loses_no_document(index: decontam.Index) -> None:
+    docs = [FILLER * (i % 5) + (ITEMS[i % 3].text if i % 4 == 0 else "plain text") for i in range(400)]
+    expected = [v.matches for v in check_all(docs, index, workers=1)]
+    with decontam.Checker(index, workers=2, batch_size=2) as checker:
+        (victim,) = checker.processes()
+
+        def documents() -> Iterator[str]:
+            for number, doc in enumerate(docs):
+                if number == 30:  # 15 batches handed over: the process may be holding one
+                    os.kill(victim, signal.SIGKILL)
+                yield doc
+
+        verdicts = list(checker.check_all(documents()))
+        assert [v.matches for v in verdicts] == expected
+        assert checker.processes() == []  # the rest, and the next corpus, are checked here
+        assert [v.matches for v in checker.check_all(docs)] == expected
 
 
 def test_same_verdicts_for_any_worker_count_and_hash_seed(index: decontam.Index) -> None:
     docs = [FILLER * (i % 3) + (ITEMS[i % 3].text if i % 4 == 0 else "plain text") for i in range(150)]
     one = list(check_all(docs, index, workers=1, batch_size=7))
     two = list(check_all(docs, index, workers=2, batch_size=7))
-    assert one == two and sum(v.contaminated for v in one) == 38
+    three = list(check_all(docs, index, workers=3, batch_size=7))
+    assert one == two == three and sum(v.contaminated for v in one) == 38
     script = (
         "from cosmoforge.decontam import gram_hashes as g; print(g('a b c d e f g h i j k l', 10).tolist())"
     )
