@@ -927,16 +927,16 @@ def check(doc: str, index: Index) -> Verdict:
 # --- running on every core -----------------------------------------------------------------
 
 
-Packed = tuple[list[int], dict[int, Verdict]]
+_Packed = tuple[list[int], dict[int, Verdict]]
 
 
-def _pack(verdicts: list[Verdict]) -> Packed:
+def _pack(verdicts: list[Verdict]) -> _Packed:
     """Verdicts for the way back from a forked process: token counts, and those with candidates."""
     found = {n: verdict for n, verdict in enumerate(verdicts) if verdict.matches or verdict.near_misses}
     return [verdict.tokens for verdict in verdicts], found
 
 
-def _unpack(packed: Packed) -> list[Verdict]:
+def _unpack(packed: _Packed) -> list[Verdict]:
     tokens, found = packed
     return [found.get(n) or _clean(count) for n, count in enumerate(tokens)]
 
@@ -958,7 +958,7 @@ def _serve(connection: Any, index: Index, inherited: list[Any]) -> None:
             return
         number, docs = message
         try:
-            reply: tuple[int, Packed | None, BaseException | None] = (
+            reply: tuple[int, _Packed | None, BaseException | None] = (
                 number,
                 _pack(check_batch(docs, index)),
                 None,
@@ -993,14 +993,13 @@ def default_workers() -> int:
 
 @dataclass(eq=False)
 class _Pending:
-    """A batch handed to a forked process. `done` is set when its verdicts are back, or when they
-    never will be (`lost`: the process died)."""
+    """A batch handed to a forked process. `done` is set when its verdicts (or the error checking
+    it raised) are back, or when they never will be: its process died, and neither is set."""
 
     batch: list[str]
     done: threading.Event = field(default_factory=threading.Event)
-    packed: Packed | None = None
+    packed: _Packed | None = None
     error: BaseException | None = None
-    lost: bool = False
     claimed: bool = False  # the caller checks it instead: not sent if not sent yet
 
 
@@ -1039,11 +1038,11 @@ class _Forked:
         return pending
 
     def _settle(
-        self, pending: _Pending, packed: Packed | None = None, error: BaseException | None = None
+        self, pending: _Pending, packed: _Packed | None = None, error: BaseException | None = None
     ) -> None:
         with self.lock:
             self.waiting -= 1
-        pending.packed, pending.error, pending.lost = packed, error, packed is None and error is None
+        pending.packed, pending.error = packed, error
         pending.done.set()
 
     def _send(self) -> None:
