@@ -700,7 +700,7 @@ _CHAR_MULTIPLIER = np.uint64(0x100000001B3)
 _DOC_SEPARATOR = 0x0  # neither occurs in normalized text (word characters and spaces only)
 _ITEM_SEPARATOR = 0x1
 _SLOTS_PER_WINDOW = 4  # 16 to 32 flags per window in each of two tables
-_CACHED_SLOTS = 1 << 16  # windows of a text whose slots are kept for the next item
+_CACHED_SLOTS = 1 << 16  # windows of a document whose slots are kept for the next item
 _ENCODING = {True: "ascii", False: "utf-32-le"}  # by whether the text is ASCII
 _CODE = {True: np.uint8, False: np.uint32}
 
@@ -721,7 +721,6 @@ class _Side:
     windows: np.ndarray  # uint64 hash of the window starting at each position
     tables: tuple[np.ndarray, np.ndarray]  # bool, 2**bits flags each
     bits: int
-    _slots: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, text: str, width: int) -> _Side:
@@ -741,20 +740,13 @@ class _Side:
         return side
 
     def slots(self, bits: int) -> tuple[np.ndarray, np.ndarray]:
-        """Where this text's windows fall in tables of 2**bits flags (a document meets many
-        items, most of them of a few sizes: computed once per size)."""
-        found = self._slots.get(bits)
-        if found is None:
-            high = self.windows >> np.uint64(64 - 2 * bits)
-            first, second = (high >> np.uint64(bits)).astype(np.intp), (high & np.uint64((1 << bits) - 1))
-            found = (first, second.astype(np.intp))
-            if self.windows.size <= _CACHED_SLOTS:  # a huge document recomputes them: memory
-                self._slots[bits] = found
-        return found
+        """Where this text's windows fall in tables of 2**bits flags."""
+        high = self.windows >> np.uint64(64 - 2 * bits)
+        return (high >> np.uint64(bits)).astype(np.intp), (high & np.uint64((1 << bits) - 1)).astype(np.intp)
 
-    def starts_in(self, other: _Side) -> np.ndarray:
+    def starts_in(self, other: _Side, slots: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """Whether each window of this text may occur in `other` (false only when it does not)."""
-        first, second = self.slots(other.bits)
+        first, second = slots or self.slots(other.bits)
         return other.tables[0][first] & other.tables[1][second]
 
     def covered(self, starts: np.ndarray) -> np.ndarray:
@@ -791,12 +783,21 @@ class _Document:
         self.text = text
         self._width = width
         self._side: _Side | None = None
+        self._slots: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     @property
     def side(self) -> _Side:
         if self._side is None:
             self._side = _Side.of(self.text, self._width)
         return self._side
+
+    def starts_in(self, item: _Side) -> np.ndarray:
+        """`side.starts_in(item)`. A document meets many items, most of them of a few sizes: where
+        its windows fall in tables of each size is computed once (unless the document is huge)."""
+        slots = self._slots.get(item.bits) or self.side.slots(item.bits)
+        if self.side.windows.size <= _CACHED_SLOTS:
+            self._slots[item.bits] = slots
+        return self.side.starts_in(item, slots)
 
 
 def _ratio(document: _Document, item: _Side, min_block_chars: int) -> float:
@@ -816,7 +817,7 @@ def _partial_ratio(document: _Document, item: _Side, min_block_chars: int) -> fl
     item_covered = item.covered(item.starts_in(doc))
     if not item_covered.any():
         return 0.0
-    doc_text = doc.collapse(doc.covered(doc.starts_in(item)), _DOC_SEPARATOR)
+    doc_text = doc.collapse(doc.covered(document.starts_in(item)), _DOC_SEPARATOR)
     item_text = item.collapse(item_covered, _ITEM_SEPARATOR)
     return _matched_chars(doc_text, item_text, min_block_chars) / length
 
