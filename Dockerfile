@@ -1,17 +1,20 @@
 # syntax=docker/dockerfile:1
-# One image for every cosmoforge process on a cluster: the operator, the dispatcher, generator
-# workers, post-processing Jobs and the embedded model server (`cosmo <command>`).
-#   docker build -t cosmoforge:0.1.0 .
-#   docker build --build-arg EXTRAS=operator,postprocess,embedded,training -t cosmoforge:0.1.0-train .
+# cosmoforge images, one per role, each with only what its commands need (skaffold builds the
+# three targets; the chart names them in `image`, `postprocessImage` and `trainerImage`):
+#   runtime      the operator, the dispatcher, generator workers, the embedded model server
+#   postprocess  dedup, decontamination (and its workers), clustering, tokenization Jobs
+#   trainer      train and evaluate Jobs: CUDA PyTorch, nanotron (training) and lighteval
+#   docker build --target runtime -t cosmoforge:0.1.0 .
+#   docker build --target postprocess -t cosmoforge-postprocess:0.1.0 .
+#   docker build --target trainer -t cosmoforge-trainer:0.1.0 .
 ARG PYTHON_VERSION=3.11
+# The trainer's base: PyTorch's own CUDA image, at the torch version of constraints.txt.
+ARG TORCH_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9
 
-# --- build: compilers, the locked dependency set, generated gRPC code ------------------------
-FROM python:${PYTHON_VERSION}-slim-bookworm AS build
-ARG EXTRAS=operator,postprocess,embedded
+# --- source: compilers and the code every build stage installs --------------------------------
+FROM python:${PYTHON_VERSION}-slim-bookworm AS source
 ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    # llama.cpp for the embedded model: portable (no -march=native), the nodes' CPUs differ.
-    CMAKE_ARGS="-DGGML_NATIVE=OFF"
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential cmake \
  && rm -rf /var/lib/apt/lists/*
@@ -21,19 +24,76 @@ WORKDIR /app
 COPY pyproject.toml constraints.txt README.md ./
 COPY protos ./protos
 COPY cosmoforge ./cosmoforge
+
+# --- runtime build: NATS, gRPC, the inference clients, llama.cpp ------------------------------
+FROM source AS build-runtime
+# Runtime extras only: `dev` (linters, test servers, offline manifest validators) stays out.
+ARG EXTRAS=operator,embedded
+# llama.cpp for the embedded model: portable (no -march=native), the nodes' CPUs differ.
+ENV CMAKE_ARGS="-DGGML_NATIVE=OFF"
 RUN pip install -c constraints.txt -e ".[${EXTRAS}]" \
  # gRPC code is generated at build time: pods run with a read-only root filesystem.
- && python -m cosmoforge.protogen \
+ && python -m cosmoforge.services.protogen \
  && python -m compileall -q cosmoforge \
  && cosmo --help > /dev/null
 
-# --- run: no compilers, no root ---------------------------------------------------------------
-FROM python:${PYTHON_VERSION}-slim-bookworm
+# --- post-processing build: datatrove, spaCy, faiss, a CPU-only torch -------------------------
+FROM source AS build-postprocess
+ARG EXTRAS=postprocess,clustering
+# These Jobs run on CPU nodes: PyTorch's CPU wheels, not gigabytes of CUDA libraries.
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+RUN pip install -c constraints.txt --extra-index-url "${TORCH_INDEX}" -e ".[${EXTRAS}]" \
+ && python -m compileall -q cosmoforge \
+ && cosmo --help > /dev/null
+
+# --- trainer build: nanotron and lighteval, each in its own environment -----------------------
+FROM ${TORCH_IMAGE}-devel AS build-trainer
+ARG EXTRAS=training
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /app
+COPY pyproject.toml constraints.txt README.md ./
+COPY protos ./protos
+COPY cosmoforge ./cosmoforge
+# nanotron's environment is the base image's Python with its CUDA torch: `torchrun` starts
+# `cosmoforge.training.nanotron_launch` there. nanotron 0.2 is the release that imports; its
+# models need flash-attn, compiled against this image's CUDA. cosmoforge is on its path as
+# source (a .pth file): installing it would pull lighteval, whose pins conflict with nanotron's.
+RUN pip install "nanotron==0.2" "datatrove[io]==0.9.0" s3fs PyYAML \
+ && pip install --no-build-isolation flash-attn \
+ && echo /app > "$(python -c 'import site; print(site.getsitepackages()[0])')/cosmoforge.pth"
+# `cosmo train` / `cosmo evaluate` (lighteval) in a virtual environment over the same torch.
+RUN python -m venv --system-site-packages /opt/venv \
+ && /opt/venv/bin/pip install -c constraints.txt -e ".[${EXTRAS}]" \
+ && /opt/venv/bin/python -m compileall -q cosmoforge \
+ && /opt/venv/bin/cosmo --help > /dev/null
+
+# --- the images: no compilers, no root ------------------------------------------------------
+FROM python:${PYTHON_VERSION}-slim-bookworm AS slim
 RUN groupadd --gid 10001 cosmo \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin cosmo
-COPY --from=build /opt/venv /opt/venv
-COPY --from=build /app /app
 ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/tmp \
+    HF_HOME=/tmp/hf
+WORKDIR /app
+ENTRYPOINT ["cosmo"]
+CMD ["--help"]
+
+FROM slim AS postprocess
+COPY --from=build-postprocess /opt/venv /opt/venv
+COPY --from=build-postprocess /app /app
+USER 10001:10001
+
+FROM ${TORCH_IMAGE}-runtime AS trainer
+RUN groupadd --gid 10001 cosmo \
+ && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin cosmo
+COPY --from=build-trainer /opt/conda /opt/conda
+COPY --from=build-trainer /opt/venv /opt/venv
+COPY --from=build-trainer /app /app
+# `cosmo` from the lighteval environment, `torchrun` (and nanotron) from the base one.
+ENV PATH=/opt/venv/bin:/opt/conda/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/tmp \
@@ -42,3 +102,9 @@ WORKDIR /app
 USER 10001:10001
 ENTRYPOINT ["cosmo"]
 CMD ["--help"]
+
+# Last, so that a plain `docker build .` makes the runtime image, as before.
+FROM slim AS runtime
+COPY --from=build-runtime /opt/venv /opt/venv
+COPY --from=build-runtime /app /app
+USER 10001:10001

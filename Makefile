@@ -27,6 +27,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # nanotron lives in its own environment (it conflicts with lighteval); tests load the training
 # configs we generate with nanotron's own loader there.

@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_decontam import clean_documents
 
-from cosmoforge.cli import main as cosmo
-from cosmoforge.dedup import DedupConfig, deduplicate
+from cosmoforge.cli.main import main as cosmo
+from cosmoforge.postprocess.dedup import DedupConfig, deduplicate
 
 RATES = (0.0, 0.02, 0.05, 0.10, 0.20, 0.30, 0.50)
 INSERTS = "indeed also very quite rather simply just really".split()

@@ -3,7 +3,7 @@
 Run: `python benchmarks/bench_generation.py [--prompts 3000] [--concurrency 32] [--latency 0.2]
 [--tokens 64] [--repeat 2] [--publish 100000] [--memory 100000,1000000]`
 
-Everything talks to the same kind of server: `cosmoforge.fakeserver`, a separate process that
+Everything talks to the same kind of server: the model server with its canned engine, a separate process that
 speaks TGI's HTTP API and answers every request after `--latency` seconds with canned text, so
 what is measured is the machinery around the model, not the model.
 
@@ -49,12 +49,12 @@ import yaml
 from nats.js import JetStreamContext
 
 from cosmoforge import queue
-from cosmoforge.dispatcher.client import DispatcherClient
-from cosmoforge.dispatcher.runs import PublishCount, RunManager, pending_messages
-from cosmoforge.prompts import build_prompts
+from cosmoforge.prompts.builder import build_prompts
+from cosmoforge.prompts.manifest import PublishCount, pending_messages, write_prompts
 from cosmoforge.queue import EmbeddedNats, free_port
-from cosmoforge.runner import write_prompts
-from cosmoforge.spec import GenerationRun, parse_run
+from cosmoforge.runs.manager import RunManager
+from cosmoforge.services.dispatcher.client import DispatcherClient
+from cosmoforge.spec.model import GenerationRun, parse_run
 from cosmoforge.storage import PROMPTS, RunStore
 
 COSMO = [sys.executable, "-m", "cosmoforge.cli"]
@@ -114,8 +114,8 @@ class Fake:
 
 def start_fake(latency: float, tokens: int) -> Fake:
     port = free_port()
-    command = [sys.executable, "-m", "cosmoforge.fakeserver", "--port", str(port), "--latency", str(latency),
-               "--tokens", str(tokens)]  # fmt: skip
+    command = [sys.executable, "-m", "cosmoforge.services.modelserver", "--engine", "canned",
+               "--port", str(port), "--latency", str(latency), "--tokens", str(tokens)]  # fmt: skip
     fake = Fake(subprocess.Popen(command), f"http://127.0.0.1:{port}")
     deadline = time.monotonic() + 30
     while True:

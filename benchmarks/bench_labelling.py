@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
     server = None
     if args.endpoint is None:
-        from cosmoforge.runner import ModelServer
+        from cosmoforge.cli.embedded import ModelServer
 
         started = time.perf_counter()
         server = ModelServer().start()

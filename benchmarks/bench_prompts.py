@@ -34,9 +34,9 @@ def make_seeds(folder: Path, count: int) -> dict[str, str]:
 
 
 def run_one(count: int) -> dict[str, float]:
-    from cosmoforge.prompts import build_prompts
-    from cosmoforge.runner import write_prompts
-    from cosmoforge.spec import parse_run
+    from cosmoforge.prompts.builder import build_prompts
+    from cosmoforge.prompts.manifest import write_prompts
+    from cosmoforge.spec.model import parse_run
     from cosmoforge.storage import RunStore
 
     with tempfile.TemporaryDirectory() as folder:

@@ -14,7 +14,7 @@ import os
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import fsspec
 import pyarrow as pa
@@ -24,7 +24,8 @@ from fsspec.core import url_to_fs
 PROMPTS = "prompts"
 GENERATIONS = "generations"
 FAILURES = "failures"
-DATASET = "dataset"
+DATASET = "dataset"  # the compacted dataset: what the first post-generation stage reads
+KEPT = "kept.parquet"  # what each data stage keeps, in its output folder; the next stage reads it
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,3 @@ class RunStore:
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")
-
-
-def table_from_rows(rows: Iterable[dict[str, Any]], schema: pa.Schema) -> pa.Table:
-    return pa.Table.from_pylist(list(rows), schema=schema)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,8 @@ import yaml
 from cosmoforge.queue import EmbeddedNats, free_port
 
 REPO = Path(__file__).resolve().parent.parent
+# The `cosmo` command as child processes run it (no console script needed).
+COSMO = [sys.executable, "-m", "cosmoforge.cli"]
 EXAMPLES = REPO / "manifests" / "examples"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -64,7 +68,7 @@ def s3_bucket(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="session")
 def model_server() -> Iterator[str]:
     """The embedded model (SmolLM2-135M on llama.cpp) behind its TGI/OpenAI HTTP server."""
-    from cosmoforge.runner import ModelServer
+    from cosmoforge.cli.embedded import ModelServer
 
     server = ModelServer().start()
     yield server.url
@@ -107,3 +111,14 @@ def small_run(name: str = "tiny", **generation: Any) -> dict[str, Any]:
 def write_spec(path: Path, document: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1) -> Any:
+    """Poll `check` until it returns something truthy, which is returned; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")

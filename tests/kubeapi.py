@@ -20,8 +20,8 @@ import httpx
 import kmock
 import yaml
 
-from cosmoforge.crd import PLURAL, SHORT_NAMES
-from cosmoforge.spec import API_GROUP, API_VERSION, KIND
+from cosmoforge.spec.crd import PLURAL, SHORT_NAMES
+from cosmoforge.spec.model import API_GROUP, API_VERSION, KIND
 
 RUNS = f"/apis/{API_GROUP}/{API_VERSION}"
 

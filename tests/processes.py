@@ -12,7 +12,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -23,9 +22,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from conftest import COSMO
 from cosmoforge.queue import free_port
-
-COSMO = [sys.executable, "-m", "cosmoforge.cli"]
 
 
 @dataclass

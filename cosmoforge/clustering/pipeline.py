@@ -47,8 +47,8 @@ from cosmoforge.clustering.kmeans import (
 )
 from cosmoforge.clustering.label import Complete, LabelResult, keep_decision, label_cluster
 from cosmoforge.clustering.plot import cluster_map_html, cluster_map_png, markdown_table, project_2d
-from cosmoforge.seeds import SeedCounts, SeedError, SeedRecord, read_seed
-from cosmoforge.spec import ClusteringSpec, SeedKind, SeedSource
+from cosmoforge.prompts.seeds import SeedCounts, SeedError, SeedRecord, read_seed
+from cosmoforge.spec.model import ClusteringSpec, SeedKind, SeedSource
 from cosmoforge.storage import RunStore
 
 log = logging.getLogger(__name__)

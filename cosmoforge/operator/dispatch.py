@@ -16,15 +16,13 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from cosmoforge import queue
-from cosmoforge.operator.progress import QueueState
-from cosmoforge.spec import GenerationRun
-
-ACK_WAIT_SECONDS = 30.0
+from cosmoforge.queue.state import QueueState
+from cosmoforge.spec.model import GenerationRun
 
 
 async def register_run(target: str, spec_yaml: str) -> dict[str, Any]:
     """Hand the run to the dispatcher: it builds and queues the prompts; a known run resumes."""
-    from cosmoforge.dispatcher.client import DispatcherClient
+    from cosmoforge.services.dispatcher.client import DispatcherClient
 
     client = DispatcherClient(target)
     try:
@@ -34,7 +32,7 @@ async def register_run(target: str, spec_yaml: str) -> dict[str, Any]:
 
 
 async def dispatcher_status(target: str, run: str) -> dict[str, Any]:
-    from cosmoforge.dispatcher.client import DispatcherClient
+    from cosmoforge.services.dispatcher.client import DispatcherClient
 
     client = DispatcherClient(target)
     try:
@@ -74,30 +72,13 @@ class QueueProbe:
             await asyncio.sleep(0.1)  # let the client's cancelled reader tasks finish on this loop
 
     async def ensure_topology(self, run: GenerationRun) -> None:
-        """The run's work-queue stream and the generators' durable consumer, created once."""
-        js = await self._js()
-        generation = run.spec.generation
-        await queue.ensure_stream(js, run.name)
-        try:
-            await js.consumer_info(queue.stream_name(run.name), queue.CONSUMER)
-        except NotFoundError:
-            await queue.ensure_consumer(
-                js,
-                run.name,
-                ack_wait=ACK_WAIT_SECONDS,
-                max_deliver=generation.max_attempts + 1,
-                max_ack_pending=generation.concurrency * generation.workers,
-            )
+        """The run's work-queue stream and the generators' durable consumer, created once, with
+        the same limits the dispatcher gives it (`queue.consumer_limits`)."""
+        await queue.ensure_generation_queue(await self._js(), run.name, run.spec.generation)
 
     async def state(self, run: str) -> QueueState | None:
-        """Depth (pending + in flight), messages ever published, messages still stored."""
-        js = await self._js()
+        """The run's queue (`depth` = pending + in flight); None before it exists."""
         try:
-            stream = await js.stream_info(queue.stream_name(run))
-            consumer = await js.consumer_info(queue.stream_name(run), queue.CONSUMER)
+            return await queue.read_state(await self._js(), run)
         except NotFoundError:
             return None
-        depth = int(consumer.num_pending or 0) + int(consumer.num_ack_pending or 0)
-        return QueueState(
-            depth=depth, published=int(stream.state.last_seq or 0), stored=int(stream.state.messages or 0)
-        )

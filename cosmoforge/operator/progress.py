@@ -14,7 +14,8 @@ from enum import StrEnum
 from typing import Any
 
 from cosmoforge.operator.render import Stage
-from cosmoforge.spec import Phase
+from cosmoforge.queue.state import QueueState
+from cosmoforge.spec.model import Phase
 
 TERMINAL = frozenset({Phase.succeeded, Phase.failed, Phase.cancelled})
 
@@ -41,15 +42,6 @@ def job_state(job: Mapping[str, Any] | None) -> JobState:
     if int(status.get("failed") or 0) > backoff:
         return JobState.failed
     return JobState.running
-
-
-@dataclass(frozen=True)
-class QueueState:
-    """The run's JetStream stream and consumer: `depth` = pending + in flight."""
-
-    depth: int
-    published: int
-    stored: int
 
 
 @dataclass(frozen=True)

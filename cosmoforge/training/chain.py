@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cosmoforge.spec import TrainingSpec
+from cosmoforge.spec.model import TrainingSpec
 from cosmoforge.storage import RunStore
 
 

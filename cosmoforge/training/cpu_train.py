@@ -302,6 +302,33 @@ def plot_losses(losses: list[float], path: Path, title: str) -> None:
     plt.close(figure)
 
 
+def save_checkpoint(model: Any, tokens: str, tokenizer: dict[str, Any], checkpoint: Path) -> None:
+    model.save_pretrained(str(checkpoint))
+    # The tokenize step keeps the exact tokenizer it used beside the tokens; prefer it to a
+    # second Hub download.
+    local_tokenizer = Path(tokens) / TOKENIZER_FILE
+    source = str(local_tokenizer) if local_tokenizer.is_file() else tokenizer["name_or_path"]
+    save_tokenizer(source, tokenizer["eos_token"], checkpoint)
+
+
+def token_windows(tokens: str, metrics: dict[str, Any], config: TrainConfig) -> Any:
+    """The token folder as windows of `sequence_length + 1` tokens; at least one batch of them."""
+    from datatrove.utils.dataset import DatatroveFolderDataset
+
+    windows = DatatroveFolderDataset(
+        tokens if "://" in tokens else os.path.abspath(tokens),
+        seq_len=config.sequence_length,
+        filename_pattern="*.ds",
+        token_size=int(metrics["tokenizer"]["token_size"]),
+    )
+    if len(windows) < config.batch_size:
+        raise TrainingError(
+            f"{metrics['tokens']} tokens make {len(windows)} windows of {config.sequence_length + 1}, "
+            f"fewer than one batch of {config.batch_size}: lower the sequence length or batch size"
+        )
+    return windows
+
+
 def train(tokens: str, output: str | Path, config: TrainConfig) -> TrainResult:
     """Train `config.preset` on the token folder for `config.steps` steps and save everything."""
     preset = check_config(config)
@@ -312,21 +339,9 @@ def train(tokens: str, output: str | Path, config: TrainConfig) -> TrainResult:
     vocab_size = int(tokenizer["vocab_size"])
 
     import torch
-    from datatrove.utils.dataset import DatatroveFolderDataset
     from torch.utils.data import DataLoader, RandomSampler
 
-    windows = DatatroveFolderDataset(
-        tokens if "://" in tokens else os.path.abspath(tokens),
-        seq_len=config.sequence_length,
-        filename_pattern="*.ds",
-        token_size=int(tokenizer["token_size"]),
-    )
-    if len(windows) < config.batch_size:
-        raise TrainingError(
-            f"{metrics['tokens']} tokens make {len(windows)} windows of {config.sequence_length + 1}, "
-            f"fewer than one batch of {config.batch_size}: lower the sequence length or batch size"
-        )
-
+    windows = token_windows(tokens, metrics, config)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.threads or (1 if preset.name == "tiny" else os.cpu_count() or 1))
@@ -366,12 +381,7 @@ def train(tokens: str, output: str | Path, config: TrainConfig) -> TrainResult:
     seconds = time.perf_counter() - started
 
     checkpoint = out / CHECKPOINT_DIR
-    model.save_pretrained(str(checkpoint))
-    # The tokenize step keeps the exact tokenizer it used beside the tokens; prefer it to a
-    # second Hub download.
-    local_tokenizer = Path(tokens) / TOKENIZER_FILE
-    source = str(local_tokenizer) if local_tokenizer.is_file() else tokenizer["name_or_path"]
-    save_tokenizer(source, tokenizer["eos_token"], checkpoint)
+    save_checkpoint(model, tokens, tokenizer, checkpoint)
     write_loss_logs(rows, out)
     plot_losses(losses, out / "loss.png", f"{preset.name} Llama, {parameters / 1e6:.1f}M parameters")
     result = TrainResult(

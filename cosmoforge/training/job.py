@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from cosmoforge.spec import GenerationRun
+from cosmoforge.spec.model import GenerationRun
 from cosmoforge.training import TrainingError
 from cosmoforge.training.nanotron_config import CONFIG_FILE, DataPaths, render_config, to_yaml, world_size
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from cosmoforge.spec import TrainingSpec
+from cosmoforge.spec.model import TrainingSpec
 from cosmoforge.training import TrainingError
 from cosmoforge.training.presets import ModelPreset, check_sequence_length, get_preset
 
@@ -107,7 +107,6 @@ def render_config(
     micro, accumulation = micro_batching(training.batch_size, par.dp, preset.max_micro_batch)
     vocab = padded_vocab(vocab_size or preset.vocab_size, par.tp)
     interval = checkpoint_interval or max(1, math.ceil(training.steps / 10))
-    lr = training.learning_rate
     return {
         "general": {
             "project": "cosmoforge",
@@ -128,32 +127,7 @@ def render_config(
             "recompute_granularity": None,
             "expert_parallel_size": 1,
         },
-        "model": {
-            "model_config": {
-                "bos_token_id": eos_token_id,
-                "eos_token_id": eos_token_id,
-                "hidden_act": "silu",
-                "hidden_size": preset.hidden_size,
-                "initializer_range": preset.init_std,
-                "intermediate_size": preset.intermediate_size,
-                "is_llama_config": True,
-                "max_position_embeddings": preset.max_position_embeddings,
-                "num_attention_heads": preset.num_heads,
-                "num_hidden_layers": preset.num_layers,
-                "num_key_value_heads": preset.num_kv_heads,
-                "pad_token_id": None,
-                "pretraining_tp": 1,
-                "rms_norm_eps": preset.rms_norm_eps,
-                "rope_scaling": None,
-                "tie_word_embeddings": preset.tie_word_embeddings,
-                "use_cache": True,
-                "vocab_size": vocab,
-            },
-            "init_method": {"std": preset.init_std},
-            "dtype": preset.dtype,
-            "make_vocab_size_divisible_by": 1,
-            "ddp_bucket_cap_mb": 25,
-        },
+        "model": _model_section(preset, vocab, eos_token_id),
         "tokenizer": {
             "tokenizer_name_or_path": training.tokenizer,
             "tokenizer_revision": None,
@@ -176,25 +150,7 @@ def render_config(
             "limit_val_batches": 0,
             "limit_test_batches": 0,
         },
-        "optimizer": {
-            "zero_stage": schedule.zero_stage,
-            "weight_decay": schedule.weight_decay,
-            "clip_grad": schedule.clip_grad,
-            "accumulate_grad_in_fp32": True,
-            "adam_eps": schedule.adam_eps,
-            "adam_beta1": schedule.adam_beta1,
-            "adam_beta2": schedule.adam_beta2,
-            "torch_adam_is_fused": True,
-            "learning_rate_scheduler": {
-                "learning_rate": lr,
-                "lr_warmup_steps": training.warmup_steps,
-                "lr_warmup_style": "linear",
-                "lr_decay_style": schedule.decay_style,
-                "lr_decay_steps": training.steps - training.warmup_steps,
-                "lr_decay_starting_step": None,
-                "min_decay_lr": lr * schedule.min_lr_ratio,
-            },
-        },
+        "optimizer": _optimizer_section(training, schedule),
         # nanotron 0.2 can only tokenize HF datasets itself; the token files come through the
         # launcher instead (see the module docstring), so its own dataset entry stays empty.
         "data": {"dataset": None, "seed": seed, "num_loading_workers": 1},
@@ -206,6 +162,58 @@ def render_config(
             "checkpoints": paths.checkpoints,
             "metrics": paths.metrics,
             "preset": preset.name,
+        },
+    }
+
+
+def _model_section(preset: ModelPreset, vocab: int, eos_token_id: int) -> dict[str, Any]:
+    return {
+        "model_config": {
+            "bos_token_id": eos_token_id,
+            "eos_token_id": eos_token_id,
+            "hidden_act": "silu",
+            "hidden_size": preset.hidden_size,
+            "initializer_range": preset.init_std,
+            "intermediate_size": preset.intermediate_size,
+            "is_llama_config": True,
+            "max_position_embeddings": preset.max_position_embeddings,
+            "num_attention_heads": preset.num_heads,
+            "num_hidden_layers": preset.num_layers,
+            "num_key_value_heads": preset.num_kv_heads,
+            "pad_token_id": None,
+            "pretraining_tp": 1,
+            "rms_norm_eps": preset.rms_norm_eps,
+            "rope_scaling": None,
+            "tie_word_embeddings": preset.tie_word_embeddings,
+            "use_cache": True,
+            "vocab_size": vocab,
+        },
+        "init_method": {"std": preset.init_std},
+        "dtype": preset.dtype,
+        "make_vocab_size_divisible_by": 1,
+        "ddp_bucket_cap_mb": 25,
+    }
+
+
+def _optimizer_section(training: TrainingSpec, schedule: Schedule) -> dict[str, Any]:
+    lr = training.learning_rate
+    return {
+        "zero_stage": schedule.zero_stage,
+        "weight_decay": schedule.weight_decay,
+        "clip_grad": schedule.clip_grad,
+        "accumulate_grad_in_fp32": True,
+        "adam_eps": schedule.adam_eps,
+        "adam_beta1": schedule.adam_beta1,
+        "adam_beta2": schedule.adam_beta2,
+        "torch_adam_is_fused": True,
+        "learning_rate_scheduler": {
+            "learning_rate": lr,
+            "lr_warmup_steps": training.warmup_steps,
+            "lr_warmup_style": "linear",
+            "lr_decay_style": schedule.decay_style,
+            "lr_decay_steps": training.steps - training.warmup_steps,
+            "lr_decay_starting_step": None,
+            "min_decay_lr": lr * schedule.min_lr_ratio,
         },
     }
 

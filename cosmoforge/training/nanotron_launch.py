@@ -7,7 +7,7 @@ collator that handles pipeline ranks — and swaps the data source for windows o
 `sequence_length + 1` tokens read with datatrove's `DatatroveFolderDataset` straight from object
 storage. It also reports progress and ships checkpoints back:
 
-- every logged step, rank 0 rewrites `cosmoforge.metrics` (a small JSON object: the latest step,
+- every logged step, rank 0 rewrites `cosmoforge.generation.metrics` (a small JSON object: the latest step,
   loss, tokens/s and the recent history) in object storage; the operator's status timer reads
   it into the run's status;
 - after the last step, the first process of every node uploads the node's checkpoint shards
@@ -106,42 +106,15 @@ def cosmoforge_section(config_file: str) -> dict[str, Any]:
     return section
 
 
-def main(argv: list[str] | None = None) -> int:  # pragma: no cover - needs GPUs and nanotron
-    args = parse_args(argv)
-    extra = cosmoforge_section(args.config_file)
-
+def token_loader(trainer: Any, config: Any, extra: dict[str, Any]) -> tuple[Any, Any]:  # pragma: no cover
+    """The datatrove token files as nanotron micro-batches: this data-parallel rank's share."""
     from datatrove.utils.dataset import DatatroveFolderDataset
     from nanotron import distributed as dist
-    from nanotron.config import Config, get_config_from_file
     from nanotron.dataloader import DataCollatorForCLM, EmptyInfiniteDataset, get_dataloader_worker_init
     from nanotron.parallel.pipeline_parallel.utils import get_input_output_pp_ranks
-    from nanotron.trainer import DistributedTrainer
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
 
-    config = get_config_from_file(args.config_file, config_class=Config, skip_unused_config_keys=True)
-    progress = Progress(run=str(config.general.run))
-
-    class ReportingTrainer(DistributedTrainer):
-        def train_step_logs(self, outputs: Any, loss_avg: Any) -> None:
-            super().train_step_logs(outputs, loss_avg)
-            if loss_avg is None or dist.get_rank(self.parallel_context.world_pg) not in self.logger_ranks:
-                return
-            elapsed = max(1e-9, time.time() - self.iteration_start_time)
-            progress.add(
-                ProgressRecord(
-                    step=int(self.iteration_step),
-                    total_steps=int(self.config.tokens.train_steps),
-                    loss=float(loss_avg.item()),
-                    tokens_per_second=self.global_batch_size * self.sequence_length / elapsed,
-                    consumed_tokens=int(self.consumed_train_samples * self.sequence_length),
-                    learning_rate=float(self.lr_scheduler.get_last_lr()[0]),
-                    time=time.time(),
-                )
-            )
-            write_text(extra["metrics"], progress.to_json())
-
-    trainer = ReportingTrainer(config)
     context = trainer.parallel_context
     input_pp_rank, output_pp_rank = get_input_output_pp_ranks(model=trainer.model)
     windows: Any = DatatroveFolderDataset(
@@ -176,6 +149,41 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - needs GPUs
         num_workers=workers,
         worker_init_fn=get_dataloader_worker_init(dl_rank=context.dp_pg.rank()),
     )
+    return sampler, loader
+
+
+def main(argv: list[str] | None = None) -> int:  # pragma: no cover - needs GPUs and nanotron
+    args = parse_args(argv)
+    extra = cosmoforge_section(args.config_file)
+
+    from nanotron import distributed as dist
+    from nanotron.config import Config, get_config_from_file
+    from nanotron.trainer import DistributedTrainer
+
+    config = get_config_from_file(args.config_file, config_class=Config, skip_unused_config_keys=True)
+    progress = Progress(run=str(config.general.run))
+
+    class ReportingTrainer(DistributedTrainer):
+        def train_step_logs(self, outputs: Any, loss_avg: Any) -> None:
+            super().train_step_logs(outputs, loss_avg)
+            if loss_avg is None or dist.get_rank(self.parallel_context.world_pg) not in self.logger_ranks:
+                return
+            elapsed = max(1e-9, time.time() - self.iteration_start_time)
+            progress.add(
+                ProgressRecord(
+                    step=int(self.iteration_step),
+                    total_steps=int(self.config.tokens.train_steps),
+                    loss=float(loss_avg.item()),
+                    tokens_per_second=self.global_batch_size * self.sequence_length / elapsed,
+                    consumed_tokens=int(self.consumed_train_samples * self.sequence_length),
+                    learning_rate=float(self.lr_scheduler.get_last_lr()[0]),
+                    time=time.time(),
+                )
+            )
+            write_text(extra["metrics"], progress.to_json())
+
+    trainer = ReportingTrainer(config)
+    sampler, loader = token_loader(trainer, config, extra)
 
     def epochs() -> Iterator[dict[str, Any]]:
         epoch = 0

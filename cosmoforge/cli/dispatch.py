@@ -1,0 +1,146 @@
+"""Commands for generation as services: serve the dispatcher, submit a spec to one, follow runs.
+
+`cosmo run` does everything in one process tree on one machine; these commands split the same
+path the way a cluster runs it — a dispatcher service that owns the queue, generator workers
+(`cosmo worker`) that drain it, and clients that start and watch runs over gRPC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("dispatcher", help="serve the dispatcher: specs in over gRPC, prompts to NATS")
+    p.add_argument("--nats", required=True, help="NATS URL (JetStream enabled)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
+    p.add_argument("--ui-port", type=int, help="serve each run's page over HTTP on this port (default: off)")
+    p.add_argument("--log-format", choices=("text", "json"), default="text")
+    p.add_argument("--no-compact", action="store_true", help="leave compaction to a later stage")
+    p.add_argument("--wandb", action="store_true", help="log run progress to wandb (offline) if installed")
+    p.add_argument(
+        "--ack-wait",
+        type=float,
+        help="seconds before a dead worker's prompts are redelivered (default: the queue's, 30)",
+    )
+    p.set_defaults(func=dispatcher)
+
+    p = subparsers.add_parser("submit", help="start (or resume) a run on a dispatcher")
+    p.add_argument("file", help="GenerationRun YAML")
+    p.add_argument("--dispatcher", required=True, metavar="HOST:PORT")
+    p.add_argument("--watch", action="store_true", help="follow the run until it ends")
+    p.set_defaults(func=submit)
+
+    p = subparsers.add_parser("runs", help="list the runs a dispatcher knows")
+    p.add_argument("--dispatcher", required=True, metavar="HOST:PORT")
+    p.set_defaults(func=runs)
+
+    p = subparsers.add_parser("cancel", help="cancel a run on a dispatcher")
+    p.add_argument("run")
+    p.add_argument("--dispatcher", required=True, metavar="HOST:PORT")
+    p.set_defaults(func=cancel)
+
+
+def dispatcher(args: argparse.Namespace) -> int:
+    from cosmoforge import logs
+    from cosmoforge.queue.topology import ACK_WAIT_SECONDS
+    from cosmoforge.services.dispatcher.server import main
+
+    logs.configure(args.log_format)
+    return main(
+        args.nats,
+        args.port,
+        args.host,
+        metrics_port=args.metrics_port,
+        compact=not args.no_compact,
+        use_wandb=args.wandb,
+        ack_wait=ACK_WAIT_SECONDS if args.ack_wait is None else args.ack_wait,
+        ui_port=args.ui_port,
+    )
+
+
+def status_line(status: dict[str, Any]) -> str:
+    line = (
+        f"{status['run']}: {status['phase']} {status['generated']}/{status['prompts']} generated, "
+        f"{status['failed']} failed, {status['queued']} queued, {status['tokens_per_second']:.1f} tok/s"
+    )
+    return f"{line} - {status['message']}" if status.get("message") else line
+
+
+def _exit_code(status: dict[str, Any]) -> int:
+    """Like `cosmo run`: 3 when prompts failed, and 4 for a cancelled run."""
+    codes = {"Succeeded": 0 if status["failed"] == 0 else 3, "Failed": 3, "Cancelled": 4}
+    return codes.get(status["phase"], 0)
+
+
+def submit(args: argparse.Namespace) -> int:
+    import asyncio
+    from pathlib import Path
+
+    from cosmoforge.services.dispatcher.client import DispatcherClient, DispatcherError
+
+    try:
+        text = Path(args.file).read_text(encoding="utf-8")
+    except OSError as error:
+        print(f"{args.file}: {error.strerror or error}", file=sys.stderr)
+        return 1
+
+    async def go() -> int:
+        async with DispatcherClient(args.dispatcher) as client:
+            status = await client.start_run(text)
+            print(status_line(status), flush=True)
+            if not args.watch:
+                return 0
+            async for event in client.watch(status["run"]):
+                if event["reason"] != "heartbeat":
+                    print(status_line(event), flush=True)
+                status = event
+            return _exit_code(status)
+
+    try:
+        return asyncio.run(go())
+    except DispatcherError as error:
+        for field, reason in error.problems:
+            print(f"{args.file}: {field}: {reason}", file=sys.stderr)
+        if not error.problems:
+            print(f"dispatcher: {error}", file=sys.stderr)
+        return 1
+
+
+def runs(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from cosmoforge.services.dispatcher.client import DispatcherClient, DispatcherError
+
+    async def go() -> list[dict[str, Any]]:
+        async with DispatcherClient(args.dispatcher) as client:
+            return await client.list_runs()
+
+    try:
+        for status in asyncio.run(go()):
+            print(status_line(status))
+    except DispatcherError as error:
+        print(f"dispatcher: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cancel(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from cosmoforge.services.dispatcher.client import DispatcherClient, DispatcherError
+
+    async def go() -> dict[str, Any]:
+        async with DispatcherClient(args.dispatcher) as client:
+            return await client.cancel(args.run)
+
+    try:
+        print(status_line(asyncio.run(go())))
+    except DispatcherError as error:
+        print(f"dispatcher: {error}", file=sys.stderr)
+        return 1
+    return 0

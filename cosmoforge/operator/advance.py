@@ -1,0 +1,81 @@
+"""Post-processing on the cluster: observe the stage Jobs, decide the next step, act on it.
+
+The decision is `progress.next_step`, pure and table-tested; this module only gathers what it
+needs (the run's Jobs and the stages already recorded as done) and carries the step out:
+delete what is over, start the next stage's Jobs, replace a worker pool that left early.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from cosmoforge.operator.children import adopt_and_apply
+from cosmoforge.operator.kube import JOB, Kube
+from cosmoforge.operator.progress import JobState, job_state, next_step, set_condition
+from cosmoforge.operator.render import (
+    COMPONENT_LABEL,
+    MANAGED_BY,
+    RUN_LABEL,
+    Platform,
+    child_name,
+    pool_job,
+    run_root,
+    stage_jobs,
+    stages,
+)
+from cosmoforge.spec.model import GenerationRun, Phase
+
+Logger = logging.Logger | logging.LoggerAdapter[Any]
+
+
+async def stage_jobs_by_component(kube: Kube, run: GenerationRun, namespace: str) -> dict[str, JobState]:
+    """Where each of the run's Jobs stands, by component (a stage's name or its pool's)."""
+    selector = {RUN_LABEL: run.name, "app.kubernetes.io/managed-by": MANAGED_BY}
+    return {
+        job["metadata"]["labels"].get(COMPONENT_LABEL, ""): job_state(job)
+        for job in await kube.list(JOB, namespace, selector)
+    }
+
+
+async def advance(
+    body: kopf.Body,
+    kube: Kube,
+    run: GenerationRun,
+    platform: Platform,
+    generation_done: bool,
+    outputs: dict[str, str],
+    conditions: list[dict[str, Any]],
+    logger: Logger,
+) -> tuple[Phase, list[dict[str, Any]]]:
+    """Record finished stages in `outputs`, then carry out `next_step`: delete what is over, fail
+    on a failed Job, start the next stage, keep a running stage's worker pool up."""
+    namespace = body.metadata.namespace or "default"
+    planned = stages(run, platform)
+    jobs = await stage_jobs_by_component(kube, run, namespace)
+    for stage in planned:
+        if jobs.get(stage.name) == JobState.succeeded:
+            outputs[stage.name] = stage.output
+    step = next_step(planned, jobs, generation_done, [name for name in outputs if name != "dataset"])
+    for part in step.stop:  # a pool done or left idle, or what is left of a failed stage
+        if await kube.delete(JOB, namespace, child_name(run.name, part)):
+            logger.info(f"deleted Job {child_name(run.name, part)} ({part} of a stage that is over or idle)")
+    if step.failed is not None:
+        message = f"stage {step.failed.name} failed: see Job {child_name(run.name, step.failed_part)}"
+        kopf.warn(body, reason="StageFailed", message=message)
+        return Phase.failed, set_condition(conditions, "Failed", True, "StageFailed", message)
+    if step.start is not None and not run.spec.suspend:
+        for job in stage_jobs(run, platform, step.start):
+            await adopt_and_apply(kube, body, job)
+        kopf.info(body, reason="StageStarted", message=f"started {step.start.name}")
+    if step.pool is not None and not run.spec.suspend:
+        pool = pool_job(run, platform, step.pool)
+        if pool is not None:  # its workers left (or it was deleted) while the stage still runs
+            await adopt_and_apply(kube, body, pool)
+            kopf.info(body, reason="WorkersStarted", message=f"started workers of {step.pool.name}")
+    if step.phase == Phase.succeeded:
+        root = run_root(run, platform)
+        conditions = set_condition(conditions, "Complete", True, "AllStagesSucceeded", root)
+    return step.phase, conditions

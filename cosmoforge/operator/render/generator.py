@@ -1,0 +1,71 @@
+"""The generator workers' Deployment, and how many of them follow the inference servers."""
+
+from __future__ import annotations
+
+import math
+
+from cosmoforge.operator.render.common import (
+    Manifest,
+    Platform,
+    Role,
+    child_metadata,
+    cosmo_container,
+    cosmo_pod,
+    deploys_server,
+    endpoint_url,
+    env_var,
+    output_uri,
+    secret_env,
+    selector_labels,
+)
+from cosmoforge.spec.model import GenerationRun
+
+# Where each generator serves its Prometheus metrics; the chart's PodMonitor scrapes this port.
+METRICS_PORT = 9100
+
+
+def generator_args(run: GenerationRun) -> list[str]:
+    return [
+        "worker", "--nats", "$(COSMO_NATS_URL)", "--out", "$(COSMO_OUTPUT)", "--run", run.name,
+        "--endpoint", "$(COSMO_ENDPOINT)", "--worker-id", "$(POD_NAME)",
+        "--metrics-port", str(METRICS_PORT), "--log-format", "json",
+    ]  # fmt: skip
+
+
+def generator_deployment(run: GenerationRun, platform: Platform, replicas: int) -> Manifest:
+    generation = run.spec.generation
+    env = [
+        env_var("COSMO_NATS_URL", platform.nats_url),
+        env_var("COSMO_OUTPUT", output_uri(run, platform)),
+        env_var("COSMO_ENDPOINT", endpoint_url(run)),
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+    ]
+    if generation.api_key_secret:
+        env += [secret_env("OPENAI_API_KEY", generation.api_key_secret)]
+        env += [secret_env("HF_TOKEN", generation.api_key_secret)]
+    resources = {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}
+    container = cosmo_container("generator", generator_args(run), platform, env, resources, role=Role.runtime)
+    container["ports"] = [{"name": "metrics", "containerPort": METRICS_PORT}]
+    meta = child_metadata(run, "generator", "generator", platform)
+    # A worker drains on SIGTERM: in-flight prompts finish or go back to the queue unacked.
+    pod = cosmo_pod([container], platform, terminationGracePeriodSeconds=90)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": selector_labels(run.name, "generator")},
+            "template": {"metadata": {"labels": dict(meta["labels"])}, "spec": pod},
+        },
+    }
+
+
+def generator_replicas(run: GenerationRun, server_replicas: int) -> int:
+    """Generators follow the servers: `workers` pods at full scale, proportionally fewer below."""
+    generation = run.spec.generation
+    if server_replicas <= 0:
+        return 0
+    if not deploys_server(run):
+        return generation.workers
+    return max(1, math.ceil(generation.workers * server_replicas / max(1, generation.replicas.max)))

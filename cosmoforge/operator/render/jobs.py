@@ -1,0 +1,237 @@
+"""The post-generation stages as Jobs: one per stage, and a worker pool beside some.
+
+Which stages run and what each reads is `cosmoforge.runs.stages.post_stages`, the chain the
+embedded runner and the decontamination submitter follow too; here each planned stage only
+becomes a command line, resources and a Job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cosmoforge.operator.render.common import (
+    Manifest,
+    Platform,
+    Role,
+    child_metadata,
+    cosmo_container,
+    cosmo_pod,
+    output_uri,
+    run_root,
+)
+from cosmoforge.runs.stages import PlannedStage, post_stages
+from cosmoforge.spec.model import GenerationRun, Phase, TrainingSpec
+
+
+@dataclass(frozen=True)
+class Pool:
+    """Worker pods beside a stage's Job: one Job of `size` pods, each running `args`.
+
+    The stage's own Job says when the stage is over (it waits for the workers' outputs); the
+    pool only does the work. Its pods are never expected to end the stage: the operator
+    replaces a pool whose workers all left while the stage still runs, fails the stage when
+    the pool fails, and deletes the pool once the stage is over.
+    """
+
+    part: str
+    size: int
+    args: tuple[str, ...]
+    cpu: str = "2"
+    memory: str = "8Gi"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One Job of the run (and maybe its worker pool): started when the previous stage succeeded."""
+
+    name: str
+    phase: Phase
+    args: tuple[str, ...]
+    output: str
+    cpu: str = "1"
+    memory: str = "4Gi"
+    pool: Pool | None = None
+
+    @property
+    def role(self) -> Role:
+        """The image the stage's Jobs (its pool's too) run."""
+        return STAGE_ROLES[self.name]
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The components of the stage's Jobs: its own, then its pool's."""
+        return (self.name,) if self.pool is None else (self.name, self.pool.part)
+
+
+# Data stages run the post-processing image; training and evaluation need the trainer's CUDA
+# PyTorch, nanotron and lighteval.
+STAGE_ROLES: dict[str, Role] = {
+    "dedup": Role.postprocess,
+    "decontaminate": Role.postprocess,
+    "tokenize": Role.postprocess,
+    "train": Role.trainer,
+    "evaluate": Role.trainer,
+}
+
+# Checking processes per decontamination worker pod: its CPU request, not the node's cores.
+DECONTAM_WORKER_CPU = 2
+# A decontamination worker leaves after this long without a task. Longer than a task's ack wait
+# (60 s), so a range whose worker died is redelivered while the others are still there; the
+# operator replaces the pool if they all left while work remains.
+DECONTAM_IDLE_EXIT = 600
+
+
+def _dedup_stage(run: GenerationRun, platform: Platform, planned: PlannedStage) -> Stage:
+    root = run_root(run, platform)
+    dedup = run.spec.postprocess.dedup
+    args: tuple[str, ...] = ("dedup", f"{root}/{planned.input}", "--out", f"{root}/{planned.output}")
+    args += ("--ngram", str(dedup.ngram))
+    args += ("--buckets", str(dedup.buckets), "--hashes-per-bucket", str(dedup.hashes_per_bucket))
+    args += () if dedup.exact else ("--no-exact",)
+    return Stage(planned.name, planned.phase, args, f"{root}/{planned.output}", cpu="2", memory="8Gi")
+
+
+def _decontaminate_stage(run: GenerationRun, platform: Platform, planned: PlannedStage) -> Stage:
+    """`cosmo decontaminate` as one Job, or, with `workers` > 1, a submitter beside a worker pool."""
+    root = run_root(run, platform)
+    source, out_folder = f"{root}/{planned.input}", f"{root}/{planned.output}"
+    decontam = run.spec.postprocess.decontaminate
+    if decontam.workers <= 1:
+        args: tuple[str, ...] = ("decontaminate", source, "--out", out_folder)
+        for benchmark in decontam.benchmarks:
+            args += ("--benchmark", benchmark)
+        args += ("--ngram", str(decontam.ngram), "--threshold", str(decontam.threshold))
+        args += ("--min-block-chars", str(decontam.min_block_chars))
+        return Stage(planned.name, planned.phase, args, out_folder, "2", "8Gi")
+    # Both read the settings from <out>/<run>/spec.yaml, which the dispatcher writes for the run.
+    out, nats = output_uri(run, platform), platform.nats_url
+    submit: tuple[str, ...] = ("decontaminate-submit", "--nats", nats, "--run", run.name, "--out", out)
+    submit += ("--input", source, "--wait")
+    worker: tuple[str, ...] = ("decontaminate-worker", "--nats", nats, "--run", run.name, "--out", out)
+    worker += ("--workers", str(DECONTAM_WORKER_CPU), "--worker-id", "$(POD_NAME)")
+    worker += ("--idle-exit", str(DECONTAM_IDLE_EXIT))
+    pool = Pool("decontaminate-workers", decontam.workers, worker, cpu=str(DECONTAM_WORKER_CPU))
+    # The submitter plans (parquet footers only), queues the ranges and waits: little to do.
+    return Stage(planned.name, planned.phase, submit, out_folder, "250m", "1Gi", pool)
+
+
+def _training(run: GenerationRun) -> TrainingSpec:
+    training = run.spec.training
+    assert training is not None, "post_stages plans training stages only with spec.training"
+    return training
+
+
+def _tokenize_stage(run: GenerationRun, platform: Platform, planned: PlannedStage) -> Stage:
+    root = run_root(run, platform)
+    out = f"{root}/{planned.output}"
+    args = ("tokenize", f"{root}/{planned.input}", "--out", out, "--tokenizer", _training(run).tokenizer)
+    return Stage(planned.name, planned.phase, args, out, cpu="2")
+
+
+def _train_stage(run: GenerationRun, platform: Platform, planned: PlannedStage) -> Stage:
+    root, training = run_root(run, platform), _training(run)
+    out = f"{root}/{planned.output}"
+    args: tuple[str, ...] = ("train", f"{root}/{planned.input}", "--out", out, "--preset", training.preset)
+    args += ("--steps", str(training.steps), "--batch-size", str(training.batch_size))
+    args += ("--seq-len", str(training.sequence_length), "--lr", str(training.learning_rate))
+    args += ("--warmup", str(training.warmup_steps))
+    return Stage(planned.name, planned.phase, args, out, cpu="4", memory="16Gi")
+
+
+def _evaluate_stage(run: GenerationRun, platform: Platform, planned: PlannedStage) -> Stage:
+    root, training = run_root(run, platform), _training(run)
+    out = f"{root}/{planned.output}"
+    args: tuple[str, ...] = ("evaluate", f"{root}/{planned.input}", "--out", out)
+    args += ("--tasks", ",".join(training.eval_tasks))
+    if training.eval_max_samples is not None:
+        args += ("--max-samples", str(training.eval_max_samples))
+    if training.eval_data is not None:
+        args += ("--data-dir", training.eval_data)
+    return Stage(planned.name, planned.phase, args, out, cpu="2", memory="8Gi")
+
+
+_STAGE_JOBS: dict[str, Callable[[GenerationRun, Platform, PlannedStage], Stage]] = {
+    "dedup": _dedup_stage,
+    "decontaminate": _decontaminate_stage,
+    "tokenize": _tokenize_stage,
+    "train": _train_stage,
+    "evaluate": _evaluate_stage,
+}
+
+
+def stages(run: GenerationRun, platform: Platform) -> list[Stage]:
+    """Post-processing Jobs in the order `post_stages` plans them, reading what it says."""
+    return [_STAGE_JOBS[planned.name](run, platform, planned) for planned in post_stages(run.spec)]
+
+
+def _resources(cpu: str, memory: str) -> dict[str, Any]:
+    return {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory}}
+
+
+USER_ERROR_EXIT = 2  # every cosmo command exits 2 for bad input or settings
+
+
+def _pod_failure_policy(container: str) -> dict[str, Any]:
+    # Bad input fails the same way on every try: fail at once, with the pod's one-line message,
+    # instead of retrying. An evicted or preempted pod is not the command's fault: not counted.
+    return {
+        "rules": [
+            {
+                "action": "FailJob",
+                "onExitCodes": {"containerName": container, "operator": "In", "values": [USER_ERROR_EXIT]},
+            },
+            # `status` defaults to "True", but Kubernetes 1.29 to 1.34 require it to be written.
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]
+    }
+
+
+def stage_job(run: GenerationRun, platform: Platform, stage: Stage) -> Manifest:
+    resources = _resources(stage.cpu, stage.memory)
+    container = cosmo_container(stage.name, list(stage.args), platform, [], resources, role=stage.role)
+    meta = child_metadata(run, stage.name, stage.name, platform)
+    pod = cosmo_pod([container], platform, restartPolicy="Never")
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": meta,
+        "spec": {
+            # A stage that fails twice more fails the run; no TTL: the operator reads the Job's end.
+            "backoffLimit": 2,
+            "podFailurePolicy": _pod_failure_policy(stage.name),
+            "template": {"metadata": {"labels": dict(meta["labels"])}, "spec": pod},
+        },
+    }
+
+
+def pool_job(run: GenerationRun, platform: Platform, stage: Stage) -> Manifest | None:
+    """The stage's worker pool: a work-queue Job (`parallelism` pods, no completion count)."""
+    pool = stage.pool
+    if pool is None:
+        return None
+    env = [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
+    resources = _resources(pool.cpu, pool.memory)
+    container = cosmo_container("worker", list(pool.args), platform, env, resources, role=stage.role)
+    meta = child_metadata(run, pool.part, pool.part, platform)
+    # A worker stops on SIGTERM after the range in hand; one cut short is redelivered anyway.
+    pod = cosmo_pod([container], platform, restartPolicy="Never", terminationGracePeriodSeconds=90)
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": meta,
+        "spec": {
+            "parallelism": pool.size,
+            # Failed pods are replaced; about two failures per worker fail the pool, and the stage.
+            "backoffLimit": 2 * pool.size,
+            "podFailurePolicy": _pod_failure_policy("worker"),
+            "template": {"metadata": {"labels": dict(meta["labels"])}, "spec": pod},
+        },
+    }
+
+
+def stage_jobs(run: GenerationRun, platform: Platform, stage: Stage) -> list[Manifest]:
+    """The stage's Job, then its worker pool's if it has one: what starting the stage creates."""
+    pool = pool_job(run, platform, stage)
+    return [stage_job(run, platform, stage)] + ([pool] if pool is not None else [])

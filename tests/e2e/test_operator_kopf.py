@@ -1,0 +1,334 @@
+"""The real kopf operator against a Kubernetes API (kmock) and a real nats-server.
+
+Each test starts `kopf run` with the operator's handlers in a thread (KopfRunner), talks to
+the API over HTTP as kubectl would, and moves the run's queue with a real JetStream client:
+children appear with owner references, replicas follow the queue within bounds without
+flapping, an invalid spec fails with a condition, deletion cleans up, restarts converge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+import pytest
+from kopf.testing import KopfRunner
+from kubeapi import KubeApi, deployments_path, jobs_path, runs_path, services_path
+
+from conftest import COSMO, small_run, wait_for
+from cosmoforge import queue
+from cosmoforge.operator.handlers import registry
+from cosmoforge.operator.render import Platform, workloads
+from cosmoforge.operator.settings import OperatorSettings
+from cosmoforge.queue import EmbeddedNats, free_port
+from cosmoforge.spec.model import parse_run
+
+NS = "gen"
+OUTPUT_BASE = "s3://datasets/runs"
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[KubeApi]:
+    api = KubeApi().start()
+    monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig(tmp_path / "kubeconfig")))
+    yield api
+    api.stop()
+
+
+@pytest.fixture
+def platform(nats_server: EmbeddedNats) -> Platform:
+    return Platform(nats_url=nats_server.url, output_base=OUTPUT_BASE)
+
+
+@pytest.fixture
+def operator(platform: Platform) -> Callable[[], KopfRunner]:
+    """A fresh operator each call: a short timer, no Events, no dispatcher (it owns the queue)."""
+    settings = OperatorSettings(platform=platform, interval=0.5, post_events=False)
+    return lambda: KopfRunner(
+        ["run", "--standalone", "--namespace", NS], registry=registry(settings), timeout=60
+    )
+
+
+def gpu_spec(name: str, **generation: Any) -> dict[str, Any]:
+    document = small_run(name, engine="tgi", model="mistralai/Mixtral-8x7B-Instruct-v0.1", **generation)
+    document["metadata"]["namespace"] = NS
+    document["spec"]["postprocess"] = {"dedup": {"enabled": False}, "decontaminate": {"enabled": False}}
+    return document
+
+
+def status(api: KubeApi, name: str) -> dict[str, Any]:
+    return (api.get(runs_path(NS, name)) or {}).get("status") or {}
+
+
+def replicas(api: KubeApi, name: str) -> int | None:
+    deployment = api.get(deployments_path(NS, name))
+    return None if deployment is None else deployment["spec"]["replicas"]
+
+
+def condition(api: KubeApi, run: str, kind: str) -> dict[str, Any]:
+    return next((c for c in status(api, run).get("conditions", []) if c["type"] == kind), {})
+
+
+async def _publish(url: str, run: str, count: int) -> None:
+    nc = await nats.connect(url)
+    await queue.publish_all(nc, run, ((f"p{i}", b"{}") for i in range(count)))
+    await nc.close()
+
+
+async def _consume(url: str, run: str, count: int) -> None:
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    sub = await js.pull_subscribe(
+        queue.prompts_subject(run), durable=queue.CONSUMER, stream=queue.stream_name(run)
+    )
+    taken = 0
+    while taken < count:
+        # Batches below the consumer's max_ack_pending fill at once; bigger ones wait for the timeout.
+        for msg in await sub.fetch(batch=min(count - taken, 4), timeout=5):
+            await msg.ack_sync()
+            taken += 1
+    await sub.unsubscribe()
+    await nc.close()
+
+
+def test_apply_creates_children_with_owner_references_and_suspend_scales_to_zero(
+    cluster: KubeApi, operator: Callable[[], KopfRunner], platform: Platform
+) -> None:
+    document = gpu_spec("mixtral", gpusPerReplica=2, replicas={"min": 1, "max": 3}, workers=3)
+    with operator() as runner:
+        run = cluster.create(runs_path(NS), document)
+        server = wait_for("inference", lambda: cluster.get(deployments_path(NS, "mixtral-inference")))
+        generator = wait_for("generator", lambda: cluster.get(deployments_path(NS, "mixtral-generator")))
+        service = wait_for("service", lambda: cluster.get(services_path(NS, "mixtral-inference")))
+        wait_for("Generating", lambda: status(cluster, "mixtral").get("phase") == "Generating")
+
+        expected = {m["metadata"]["name"] + m["kind"]: m for m in workloads(parse_run(document), platform, 1)}
+        for child in (server, generator, service):
+            (owner,) = child["metadata"]["ownerReferences"]
+            assert owner["uid"] == run["metadata"]["uid"] and owner["kind"] == "GenerationRun"
+            assert owner["controller"] is True
+            want = expected[child["metadata"]["name"] + child["kind"]]
+            assert child["metadata"]["labels"].items() >= want["metadata"]["labels"].items()
+            if child["kind"] == "Deployment":
+                assert child["spec"]["template"]["spec"] == want["spec"]["template"]["spec"]
+        args = server["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert args[args.index("--num-shard") + 1] == "2"
+        assert condition(cluster, "mixtral", "Valid")["status"] == "True"
+
+        cluster.patch(runs_path(NS, "mixtral"), {"spec": {"suspend": True}})
+        wait_for("suspended", lambda: replicas(cluster, "mixtral-inference") == 0)
+        assert replicas(cluster, "mixtral-generator") == 0
+        wait_for(
+            "Suspended condition", lambda: condition(cluster, "mixtral", "Suspended").get("status") == "True"
+        )
+        cluster.patch(runs_path(NS, "mixtral"), {"spec": {"suspend": False}})
+        wait_for("resumed", lambda: replicas(cluster, "mixtral-inference") == 1)
+    assert runner.exception is None
+
+
+def test_replicas_follow_queue_depth_within_bounds_without_flapping(
+    cluster: KubeApi, nats_server: EmbeddedNats, operator: Callable[[], KopfRunner]
+) -> None:
+    autoscaling = {"targetQueuePerReplica": 10, "stabilizationSeconds": 3}
+    document = gpu_spec("scaled", replicas={"min": 1, "max": 3}, workers=3, autoscaling=autoscaling)
+    seen: list[tuple[int | None, int | None]] = []
+
+    def sample() -> tuple[int | None, int | None]:
+        pair = (replicas(cluster, "scaled-inference"), replicas(cluster, "scaled-generator"))
+        if not seen or seen[-1] != pair:
+            seen.append(pair)
+        return pair
+
+    def reach(what: str, pair: tuple[int, int]) -> None:
+        wait_for(what, lambda: sample() == pair)
+
+    with operator() as runner:
+        cluster.create(runs_path(NS), document)
+        reach("one server at the start", (1, 1))
+        wait_for("stream", lambda: condition(cluster, "scaled", "QueueReachable").get("status") == "True")
+        asyncio.run(_publish(nats_server.url, "scaled", 45))
+        reach("three servers for 45 queued (ceil(45/10) = 5, clamped to 3)", (3, 3))
+        asyncio.run(_consume(nats_server.url, "scaled", 40))
+        reach("back to one once the window has passed", (1, 1))
+        asyncio.run(_consume(nats_server.url, "scaled", 5))
+        reach("zero when the queue is empty and generation done", (0, 0))
+        wait_for("Succeeded", lambda: status(cluster, "scaled").get("phase") == "Succeeded")
+        final = status(cluster, "scaled")
+    assert runner.exception is None
+    for index in (0, 1):  # servers, then generators: each moved once per queue change, never back
+        steps = [pair[index] for pair in seen if pair[index] is not None]
+        assert [n for i, n in enumerate(steps) if i == 0 or steps[i - 1] != n] == [1, 3, 1, 0], seen
+    assert final["prompts"] == 45 and final["generated"] == 45 and final["progress"] == "45/45 (100%)"
+
+
+def test_invalid_spec_fails_with_a_condition_and_creates_nothing(
+    cluster: KubeApi, operator: Callable[[], KopfRunner]
+) -> None:
+    document = gpu_spec("broken", replicas={"min": 3, "max": 1})
+    with operator() as runner:
+        cluster.create(runs_path(NS), document)
+        wait_for("Failed", lambda: status(cluster, "broken").get("phase") == "Failed")
+        valid = condition(cluster, "broken", "Valid")
+        assert valid["status"] == "False" and valid["reason"] == "InvalidSpec"
+        assert "spec.generation.replicas" in valid["message"] and "must not exceed" in valid["message"]
+        time.sleep(1.5)  # several timer ticks: still nothing
+        assert cluster.items(deployments_path(NS)) == []
+
+        cluster.patch(runs_path(NS, "broken"), {"spec": {"generation": {"replicas": {"min": 1, "max": 3}}}})
+        wait_for("fixed spec runs", lambda: cluster.get(deployments_path(NS, "broken-inference")))
+        wait_for("Generating", lambda: status(cluster, "broken").get("phase") == "Generating")
+    assert runner.exception is None
+
+
+def test_stages_run_in_order_and_delete_removes_every_child(
+    cluster: KubeApi, nats_server: EmbeddedNats, operator: Callable[[], KopfRunner]
+) -> None:
+    document = gpu_spec("staged")
+    document["spec"]["postprocess"] = {"dedup": {"enabled": True}, "decontaminate": {"benchmarks": ["mmlu"]}}
+    with operator() as runner:
+        cluster.create(runs_path(NS), document)
+        wait_for("stream", lambda: condition(cluster, "staged", "QueueReachable").get("status") == "True")
+        asyncio.run(_publish(nats_server.url, "staged", 2))
+        asyncio.run(_consume(nats_server.url, "staged", 2))
+        dedup = wait_for("dedup job", lambda: cluster.get(jobs_path(NS, "staged-dedup")))
+        assert dedup["spec"]["template"]["spec"]["containers"][0]["args"][:2] == [
+            "dedup",
+            f"{OUTPUT_BASE}/cosmoforge-runs/staged/dataset",
+        ]
+        wait_for("Deduplicating", lambda: status(cluster, "staged").get("phase") == "Deduplicating")
+        assert replicas(cluster, "staged-inference") == 0  # generation done: GPUs released
+        time.sleep(1.0)
+        assert cluster.get(jobs_path(NS, "staged-decontaminate")) is None  # not before dedup succeeds
+        cluster.patch(jobs_path(NS, "staged-dedup"), {"status": {"succeeded": 1}})
+        wait_for("decontaminate job", lambda: cluster.get(jobs_path(NS, "staged-decontaminate")))
+        wait_for("Decontaminating", lambda: status(cluster, "staged").get("phase") == "Decontaminating")
+        cluster.patch(jobs_path(NS, "staged-decontaminate"), {"status": {"failed": 3}})
+        wait_for("Failed", lambda: status(cluster, "staged").get("phase") == "Failed")
+        assert "decontaminate" in condition(cluster, "staged", "Failed")["message"]
+
+        cluster.delete(runs_path(NS, "staged"))
+        wait_for("run gone", lambda: cluster.get(runs_path(NS, "staged")) is None)
+        assert cluster.items(deployments_path(NS)) == []
+        assert cluster.items(services_path(NS)) == []
+        assert cluster.items(jobs_path(NS)) == []
+    assert runner.exception is None
+
+
+def _generated(api: KubeApi, url: str, run: str) -> None:
+    """Drive a run's generation to its end: two prompts queued and taken."""
+    wait_for("stream", lambda: condition(api, run, "QueueReachable").get("status") == "True")
+    asyncio.run(_publish(url, run, 2))
+    asyncio.run(_consume(url, run, 2))
+
+
+def test_decontamination_workers_run_beside_the_submitter_and_end_with_it(
+    cluster: KubeApi, nats_server: EmbeddedNats, operator: Callable[[], KopfRunner]
+) -> None:
+    pooled = gpu_spec("pooled")
+    pooled["spec"]["postprocess"] = {
+        "dedup": {"enabled": False},
+        "decontaminate": {"benchmarks": ["mmlu"], "workers": 3},
+    }
+    broken = copy.deepcopy(pooled)
+    broken["metadata"]["name"] = "broken-pool"
+    with operator() as runner:
+        run = cluster.create(runs_path(NS), pooled)
+        _generated(cluster, nats_server.url, "pooled")
+        submit = wait_for("submit job", lambda: cluster.get(jobs_path(NS, "pooled-decontaminate")))
+        pool = wait_for("worker pool", lambda: cluster.get(jobs_path(NS, "pooled-decontaminate-workers")))
+        wait_for("Decontaminating", lambda: status(cluster, "pooled").get("phase") == "Decontaminating")
+        for job in (submit, pool):
+            (owner,) = job["metadata"]["ownerReferences"]
+            assert owner["uid"] == run["metadata"]["uid"] and owner["controller"] is True
+        assert submit["spec"]["template"]["spec"]["containers"][0]["args"][0] == "decontaminate-submit"
+        assert pool["spec"]["template"]["spec"]["containers"][0]["args"][0] == "decontaminate-worker"
+        assert pool["spec"]["parallelism"] == 3
+
+        # Every worker left (idle) while the submitter still waits: a new pool takes over.
+        cluster.patch(jobs_path(NS, "pooled-decontaminate-workers"), {"status": {"succeeded": 3}})
+        wait_for(
+            "a new pool",
+            lambda: (
+                cluster.creations("batch/v1/jobs", NS, "pooled-decontaminate-workers") == 2
+                and cluster.get(jobs_path(NS, "pooled-decontaminate-workers"))
+            ),
+        )
+        assert status(cluster, "pooled")["phase"] == "Decontaminating"
+        # The submitter saw the merged outputs: the stage is done and the idle pool goes.
+        cluster.patch(jobs_path(NS, "pooled-decontaminate"), {"status": {"succeeded": 1}})
+        wait_for("Succeeded", lambda: status(cluster, "pooled").get("phase") == "Succeeded")
+        assert cluster.get(jobs_path(NS, "pooled-decontaminate-workers")) is None
+        assert status(cluster, "pooled")["outputs"]["decontaminate"].endswith("/pooled/decontam")
+
+        # A pool that fails (workers crashing past its backoff limit) fails the run.
+        cluster.create(runs_path(NS), broken)
+        _generated(cluster, nats_server.url, "broken-pool")
+        wait_for("pool", lambda: cluster.get(jobs_path(NS, "broken-pool-decontaminate-workers")))
+        cluster.patch(jobs_path(NS, "broken-pool-decontaminate-workers"), {"status": {"failed": 7}})
+        wait_for("Failed", lambda: status(cluster, "broken-pool").get("phase") == "Failed")
+        assert "broken-pool-decontaminate-workers" in condition(cluster, "broken-pool", "Failed")["message"]
+        wait_for("submitter stopped", lambda: cluster.get(jobs_path(NS, "broken-pool-decontaminate")) is None)
+    assert runner.exception is None
+
+
+def test_operator_restart_converges_without_duplicates(
+    cluster: KubeApi, operator: Callable[[], KopfRunner]
+) -> None:
+    document = gpu_spec("steady")
+    with operator() as first:
+        cluster.create(runs_path(NS), document)
+        wait_for("children", lambda: len(cluster.items(deployments_path(NS))) == 2)
+        wait_for("Generating", lambda: status(cluster, "steady").get("phase") == "Generating")
+    assert first.exception is None
+    cluster.delete(deployments_path(NS, "steady-generator"))  # a child deleted by hand while down
+
+    with operator() as second:
+        wait_for("generator back", lambda: cluster.get(deployments_path(NS, "steady-generator")))
+        time.sleep(1.5)  # resume handler and several timer ticks
+        names = sorted(d["metadata"]["name"] for d in cluster.items(deployments_path(NS)))
+        assert names == ["steady-generator", "steady-inference"]
+        assert cluster.creations("apps/v1/deployments", NS, "steady-inference") == 1
+        assert cluster.creations("apps/v1/deployments", NS, "steady-generator") == 2
+        assert cluster.creations("v1/services", NS, "steady-inference") == 1
+        assert status(cluster, "steady")["phase"] == "Generating"
+    assert second.exception is None
+
+
+def test_the_container_entry_point_runs_the_same_operator(
+    cluster: KubeApi, tmp_path: Path, nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cosmo operator`, as the chart runs it: a process, configured by environment, with liveness."""
+    for name, value in {
+        "COSMO_NATS_URL": nats_server.url,
+        "COSMO_OUTPUT_BASE": OUTPUT_BASE,
+        "COSMO_OPERATOR_INTERVAL": "0.5",
+        "COSMO_OPERATOR_EVENTS": "0",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("COSMO_DISPATCHER", raising=False)
+    port = free_port()
+    log = (tmp_path / "operator.log").open("wb")
+    command = [*COSMO, "operator", "--namespace", NS, "--liveness", f"http://127.0.0.1:{port}/healthz"]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        cluster.create(runs_path(NS), gpu_spec("entry"))
+        wait_for("children", lambda: len(cluster.items(deployments_path(NS))) == 2)
+        health = wait_for("liveness", lambda: _get(f"http://127.0.0.1:{port}/healthz"))
+        assert health == 200
+    finally:
+        process.terminate()
+        assert process.wait(30) == 0, (tmp_path / "operator.log").read_text()[-3000:]
+
+
+def _get(url: str) -> int:
+    try:
+        return httpx.get(url, timeout=1).status_code
+    except httpx.HTTPError:
+        return 0
