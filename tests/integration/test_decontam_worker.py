@@ -192,7 +192,7 @@ def test_jsonl_and_single_file_inputs_merge_into_the_one_process_outputs(tmp_pat
             plans.make_plan(str(source), str(tmp_path / f"out-{name}"), SETTINGS, rows_per_task=50)
         )
         assert {task.format for task in plan.tasks} == (
-            {"parquet", "table"} if name == "folder" else {"table"}
+            {"parquet", "jsonl"} if name == "folder" else {"jsonl"}
         )
         run_tasks_here(plan, list(reversed(range(len(plan.tasks)))))
         tasks.finalize(plan)

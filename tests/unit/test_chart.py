@@ -32,60 +32,52 @@ SCENARIOS = sorted((CHART / "ci").glob("*-values.yaml"))
 K8S_VERSION = kubernetes_validate.latest_version()
 NAMESPACE = "cosmo"
 
-SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"},
-        "spec": {
-            "type": "object",
-            "required": ["selector", "endpoints"],
-            "additionalProperties": False,
-            "properties": {
-                "selector": {"type": "object", "required": ["matchLabels"]},
-                "endpoints": {
-                    "type": "array",
-                    "minItems": 1,
-                    "items": {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "properties": {
-                            "port": {"type": "string"},
-                            "path": {"type": "string"},
-                            "interval": {"type": "string"},
-                        },
-                    },
-                },
-            },
+ENDPOINTS_SCHEMA: dict[str, Any] = {
+    "type": "array",
+    "minItems": 1,
+    "items": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "port": {"type": "string"},
+            "path": {"type": "string"},
+            "interval": {"type": "string"},
         },
     },
 }
 
-# The Prometheus operator's PodMonitor, the parts the chart uses (its CRD is not installed here).
-POD_MONITOR_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"},
-        "spec": {
-            "type": "object",
-            "required": ["selector", "podMetricsEndpoints"],
-            "additionalProperties": False,
-            "properties": {
-                "selector": {"type": "object", "required": ["matchLabels"]},
-                "namespaceSelector": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {"any": {"type": "boolean"}, "matchNames": {"type": "array"}},
+
+def monitor_schema(endpoints: str, **more: Any) -> dict[str, Any]:
+    """The Prometheus operator's ServiceMonitor or PodMonitor, the parts the chart uses (their
+    CRDs are not installed here)."""
+    return {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "spec": {
+                "type": "object",
+                "required": ["selector", endpoints],
+                "additionalProperties": False,
+                "properties": {
+                    "selector": {"type": "object", "required": ["matchLabels"]},
+                    endpoints: ENDPOINTS_SCHEMA,
+                    **more,
                 },
-                "podMetricsEndpoints": SERVICE_MONITOR_SCHEMA["properties"]["spec"]["properties"][
-                    "endpoints"
-                ],
             },
         },
-    },
+    }
+
+
+NAMESPACE_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {"any": {"type": "boolean"}, "matchNames": {"type": "array"}},
 }
-MONITORING_SCHEMAS = {"ServiceMonitor": SERVICE_MONITOR_SCHEMA, "PodMonitor": POD_MONITOR_SCHEMA}
+MONITORING_SCHEMAS = {
+    "ServiceMonitor": monitor_schema("endpoints"),
+    "PodMonitor": monitor_schema("podMetricsEndpoints", namespaceSelector=NAMESPACE_SELECTOR),
+}
 
 
 def values_of(path: Path) -> dict[str, Any]:

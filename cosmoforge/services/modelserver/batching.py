@@ -20,7 +20,7 @@ import asyncio
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ from cosmoforge.services.modelserver.engine import (
     Job,
     SamplingParams,
     Token,
+    drain,
     room_for,
 )
 from cosmoforge.services.modelserver.llama import (
@@ -108,7 +109,7 @@ class BatchedEngine(Engine):
             self.counts["requests"] += 1
             self.waiting.append(sequence)
             self.wake.notify()
-        return Generation(len(tokens), _events(queue, sequence.cancelled), job.params.seed)
+        return Generation(len(tokens), drain(queue, sequence.cancelled), job.params.seed)
 
     def _sampler(self, params: SamplingParams, gbnf: str | None) -> Any:
         """The request's sampler chain, in the order llama-cpp-python's own generate uses."""
@@ -256,18 +257,3 @@ class BatchedEngine(Engine):
         llama_cpp.llama_batch_free(self.batch)
         llama_cpp.llama_free(self.ctx)
         self.ctx = None
-
-
-async def _events(
-    queue: asyncio.Queue[Token | Finished | BaseException], cancelled: threading.Event
-) -> AsyncGenerator[Token | Finished, None]:
-    try:
-        while True:
-            item = await queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if isinstance(item, Finished):
-                return
-    finally:
-        cancelled.set()  # a client that went away frees its slot at the next step

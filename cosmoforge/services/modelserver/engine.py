@@ -9,6 +9,8 @@ maps each to an HTTP status in one place (`app.status_for`).
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
@@ -172,3 +174,21 @@ def room_for(job: Job, prompt_tokens: int, n_ctx: int) -> int:
     if prompt_tokens >= n_ctx or (job.strict_context and prompt_tokens + wanted > n_ctx):
         raise ContextTooLong(prompt_tokens, wanted if job.strict_context else None, n_ctx)
     return max(0, min(wanted, n_ctx - prompt_tokens))
+
+
+async def drain(
+    queue: asyncio.Queue[Token | Finished | BaseException], cancelled: threading.Event
+) -> AsyncGenerator[Token | Finished, None]:
+    """A decode thread's events as a generation's stream: tokens until `Finished`, an error the
+    thread handed over raised here. Closing the stream early sets `cancelled`, so the thread
+    frees the request's slot at its next step (a client that went away costs nothing more)."""
+    try:
+        while True:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if isinstance(item, Finished):
+                return
+    finally:
+        cancelled.set()

@@ -31,6 +31,7 @@ from cosmoforge.services.modelserver.engine import (
     Job,
     SamplingParams,
     Token,
+    drain,
     room_for,
 )
 from cosmoforge.services.modelserver.grammar import grammar_for_schema
@@ -253,13 +254,5 @@ async def _from_thread(
             loop.call_soon_threadsafe(queue.put_nowait, error)
 
     threading.Thread(target=run, daemon=True).start()
-    try:
-        while True:
-            item = await queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if isinstance(item, Finished):
-                return
-    finally:
-        stop.set()
+    async for item in drain(queue, stop):
+        yield item
