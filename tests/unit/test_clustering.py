@@ -655,7 +655,7 @@ def test_structured_output_through_the_embedded_server_labels_every_cluster(
 
 
 def cosmo_cluster(argv: list[str]) -> int:
-    from cosmoforge.cli.main import cluster as commands_cluster
+    from cosmoforge.cli import cluster as commands_cluster
 
     parser = argparse.ArgumentParser(prog="cosmo")
     commands_cluster.register(parser.add_subparsers(dest="command", required=True))
