@@ -123,8 +123,11 @@ def test_apply_creates_children_with_owner_references_and_suspend_scales_to_zero
         assert condition(cluster, "mixtral", "Valid")["status"] == "True"
 
         cluster.patch(runs_path(NS, "mixtral"), {"spec": {"suspend": True}})
-        wait_for("suspended", lambda: replicas(cluster, "mixtral-inference") == 0)
-        assert replicas(cluster, "mixtral-generator") == 0
+        # The operator scales each child in its own request: wait for both, not one then the other.
+        wait_for(
+            "suspended",
+            lambda: replicas(cluster, "mixtral-inference") == replicas(cluster, "mixtral-generator") == 0,
+        )
         wait_for(
             "Suspended condition", lambda: condition(cluster, "mixtral", "Suspended").get("status") == "True"
         )

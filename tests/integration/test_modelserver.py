@@ -301,7 +301,10 @@ def test_concurrent_requests_share_decode_steps_and_keep_their_own_seed(model_se
         assert stats["mean_batch"] > 1, stats  # the six requests did share decode steps
         assert stats["active"] == 0 and stats["waiting"] == 0  # and every slot was given back
     # A seed is the sequence's own: alone in the batch twice, the same answer twice. (Alongside
-    # others it may differ: llama.cpp's float sums are not batch-invariant, as on vLLM.)
+    # others it may differ: llama.cpp's float sums are not batch-invariant, as on vLLM. So may a
+    # prompt evaluated whole or after a cached prefix: the first call below puts the prefix in
+    # the cache, so the two compared calls take the same path.)
+    asyncio.run(run([("The ocean is", 3)]))
     assert asyncio.run(run([("The ocean is", 3)])) == asyncio.run(run([("The ocean is", 3)]))
 
 
