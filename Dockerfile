@@ -61,12 +61,16 @@ COPY cosmoforge ./cosmoforge
 # source (a .pth file): installing it would pull lighteval, whose pins conflict with nanotron's.
 RUN pip install "nanotron==0.2" "datatrove[io]==0.9.0" s3fs PyYAML \
  && pip install --no-build-isolation flash-attn \
- && echo /app > "$(python -c 'import site; print(site.getsitepackages()[0])')/cosmoforge.pth"
+ && echo /app > "$(python -c 'import site; print(site.getsitepackages()[0])')/cosmoforge.pth" \
+ # What torchrun starts must import here, without cosmo's own dependencies.
+ && python -c "import nanotron.config, cosmoforge.training.nanotron_launch"
 # `cosmo train` / `cosmo evaluate` (lighteval) in a virtual environment over the same torch.
+# The training Job's `prepare` and `convert-checkpoint` steps and the evaluation Job run here.
 RUN python -m venv --system-site-packages /opt/venv \
  && /opt/venv/bin/pip install -c constraints.txt -e ".[${EXTRAS}]" \
  && /opt/venv/bin/python -m compileall -q cosmoforge \
- && /opt/venv/bin/cosmo --help > /dev/null
+ && /opt/venv/bin/cosmo convert-checkpoint --help > /dev/null \
+ && /opt/venv/bin/python -m cosmoforge.training.nanotron_launch prepare --help > /dev/null
 
 # --- the images: no compilers, no root ------------------------------------------------------
 FROM python:${PYTHON_VERSION}-slim-bookworm AS slim
@@ -92,8 +96,10 @@ RUN groupadd --gid 10001 cosmo \
 COPY --from=build-trainer /opt/conda /opt/conda
 COPY --from=build-trainer /opt/venv /opt/venv
 COPY --from=build-trainer /app /app
-# `cosmo` from the lighteval environment, `torchrun` (and nanotron) from the base one.
+# `cosmo` and `python` from the lighteval environment; the training Job starts torchrun with
+# the base interpreter, the one that has nanotron (COSMO_NANOTRON_PYTHON, see training/job.py).
 ENV PATH=/opt/venv/bin:/opt/conda/bin:$PATH \
+    COSMO_NANOTRON_PYTHON=/opt/conda/bin/python \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/tmp \

@@ -17,7 +17,7 @@ at ln(vocabulary)); `--tokens DIR` reads a `cosmo tokenize` folder's `.ds` files
 
 It needs torch, transformers and numpy and nothing else of cosmoforge's dependencies (no
 pydantic, datatrove, pyarrow, fsspec or matplotlib): it imports only `cosmoforge.training`,
-its presets and `cpu_train`, whose module-level imports are the standard library. A test
+its presets, `peaks` and `cpu_train`, whose module-level imports are the standard library. A test
 runs it with those packages blocked.
 
     python benchmarks/gpu_train.py --device cuda --preset 1b --out gpu_train.json
@@ -63,6 +63,7 @@ from cosmoforge.training.cpu_train import (
     resolve_precision,
     train_step,
 )
+from cosmoforge.training.peaks import peak_tflops
 from cosmoforge.training.presets import ModelPreset, get_preset
 
 if TYPE_CHECKING:
@@ -71,19 +72,6 @@ if TYPE_CHECKING:
 ZIPF_EXPONENT = 1.0
 HARD_STOP_GRACE_SECONDS = 30
 GIB = 1024**3
-# Dense bf16 tensor-core peaks (TFLOPS) from NVIDIA's data sheets, most specific name first.
-BF16_PEAK_TFLOPS = (
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H200 NVL", 835.0),
-    ("GH200", 989.4),
-    ("H200", 989.4),
-    ("H100", 989.4),
-    ("H800", 989.4),
-    ("B200", 2250.0),
-    ("A100", 312.0),
-    ("L40S", 362.0),
-)
 
 
 class BudgetExceeded(Exception):
@@ -96,13 +84,6 @@ class Plan:
 
     micro_batch: int
     grad_ckpt: bool
-
-
-def peak_tflops(gpu_name: str) -> float | None:
-    for name, tflops in BF16_PEAK_TFLOPS:
-        if name.lower() in gpu_name.lower():
-            return tflops
-    return None
 
 
 def parse_sizes(text: str) -> list[int]:

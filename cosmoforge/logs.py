@@ -3,6 +3,8 @@
 On a cluster, logs of many generator pods and the dispatcher end up in one store (Loki,
 Elasticsearch, Cloud Logging); one JSON object per line with the run and worker as fields lets
 them be filtered without regular expressions. Fields passed with `extra={...}` become keys.
+Either way, credentials inside URLs are masked in the written line (`redaction.redact_urls`),
+whichever library's message or traceback quoted them.
 """
 
 from __future__ import annotations
@@ -12,12 +14,22 @@ import logging
 import sys
 from datetime import UTC, datetime
 
+from cosmoforge.redaction import redact_urls
+
 FORMATS = ("text", "json")
 _RECORD_FIELDS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
 
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_urls(super().format(record))
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        return redact_urls(self._json(record))
+
+    def _json(self, record: logging.LogRecord) -> str:
         data: dict[str, object] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
@@ -38,7 +50,7 @@ def configure(fmt: str = "text", level: int | str = logging.INFO) -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -28,6 +28,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--id-field", default=None, metavar="F", help="column with document ids (default: the row number)"
     )
+    parser.add_argument(
+        "--format",
+        choices=("auto", "parquet", "jsonl", "csv", "hf"),
+        default="auto",
+        help="input format (auto)",
+    )
     parser.add_argument("--no-label", action="store_true", help="skip labelling; every cluster is kept")
     parser.add_argument("--endpoint", metavar="URL", help="base URL of a TGI or OpenAI-compatible server")
     parser.add_argument("--engine", choices=("tgi", "openai"), default="tgi", help="server kind (tgi)")
@@ -90,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         client = ChatClient(args.endpoint, model=args.model or "tgi", engine=args.engine, seed=args.seed)
     try:
         summary = run_clustering(
-            ClusterInput(args.input, text_field=args.text_field, id_field=args.id_field),
+            ClusterInput(args.input, text_field=args.text_field, id_field=args.id_field, format=args.format),
             args.out,
             config,
             complete=client,

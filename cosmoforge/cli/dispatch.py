@@ -11,12 +11,17 @@ import argparse
 import sys
 from typing import Any
 
+from cosmoforge.cli.grpcauth import client_options, client_security, server_options, server_security
+
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("dispatcher", help="serve the dispatcher: specs in over gRPC, prompts to NATS")
+    client = client_options()
+    p = subparsers.add_parser(
+        "dispatcher",
+        parents=[server_options(50051)],
+        help="serve the dispatcher: specs in over gRPC, prompts to NATS",
+    )
     p.add_argument("--nats", required=True, help="NATS URL (JetStream enabled)")
-    p.add_argument("--port", type=int, default=50051, help="gRPC port")
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
     p.add_argument("--ui-port", type=int, help="serve each run's page over HTTP on this port (default: off)")
     p.add_argument("--log-format", choices=("text", "json"), default="text")
@@ -29,17 +34,17 @@ def register(subparsers: Any) -> None:
     )
     p.set_defaults(func=dispatcher)
 
-    p = subparsers.add_parser("submit", help="start (or resume) a run on a dispatcher")
+    p = subparsers.add_parser("submit", parents=[client], help="start (or resume) a run on a dispatcher")
     p.add_argument("file", help="GenerationRun YAML")
     p.add_argument("--dispatcher", required=True, metavar="HOST:PORT")
     p.add_argument("--watch", action="store_true", help="follow the run until it ends")
     p.set_defaults(func=submit)
 
-    p = subparsers.add_parser("runs", help="list the runs a dispatcher knows")
+    p = subparsers.add_parser("runs", parents=[client], help="list the runs a dispatcher knows")
     p.add_argument("--dispatcher", required=True, metavar="HOST:PORT")
     p.set_defaults(func=runs)
 
-    p = subparsers.add_parser("cancel", help="cancel a run on a dispatcher")
+    p = subparsers.add_parser("cancel", parents=[client], help="cancel a run on a dispatcher")
     p.add_argument("run")
     p.add_argument("--dispatcher", required=True, metavar="HOST:PORT")
     p.set_defaults(func=cancel)
@@ -49,8 +54,14 @@ def dispatcher(args: argparse.Namespace) -> int:
     from cosmoforge import logs
     from cosmoforge.queue.topology import ACK_WAIT_SECONDS
     from cosmoforge.services.dispatcher.server import main
+    from cosmoforge.services.grpcbase import CredentialsError
 
     logs.configure(args.log_format)
+    try:
+        security = server_security(args)
+    except CredentialsError as error:
+        print(f"cosmo dispatcher: error: {error}", file=sys.stderr)
+        return 2
     return main(
         args.nats,
         args.port,
@@ -60,6 +71,7 @@ def dispatcher(args: argparse.Namespace) -> int:
         use_wandb=args.wandb,
         ack_wait=ACK_WAIT_SECONDS if args.ack_wait is None else args.ack_wait,
         ui_port=args.ui_port,
+        security=security,
     )
 
 
@@ -82,6 +94,13 @@ def submit(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from cosmoforge.services.dispatcher.client import DispatcherClient, DispatcherError
+    from cosmoforge.services.grpcbase import CredentialsError
+
+    try:
+        security = client_security(args)
+    except CredentialsError as error:
+        print(f"dispatcher: {error}", file=sys.stderr)
+        return 1
 
     try:
         text = Path(args.file).read_text(encoding="utf-8")
@@ -90,7 +109,7 @@ def submit(args: argparse.Namespace) -> int:
         return 1
 
     async def go() -> int:
-        async with DispatcherClient(args.dispatcher) as client:
+        async with DispatcherClient(args.dispatcher, security=security) as client:
             status = await client.start_run(text)
             print(status_line(status), flush=True)
             if not args.watch:
@@ -115,9 +134,16 @@ def runs(args: argparse.Namespace) -> int:
     import asyncio
 
     from cosmoforge.services.dispatcher.client import DispatcherClient, DispatcherError
+    from cosmoforge.services.grpcbase import CredentialsError
+
+    try:
+        security = client_security(args)
+    except CredentialsError as error:
+        print(f"dispatcher: {error}", file=sys.stderr)
+        return 1
 
     async def go() -> list[dict[str, Any]]:
-        async with DispatcherClient(args.dispatcher) as client:
+        async with DispatcherClient(args.dispatcher, security=security) as client:
             return await client.list_runs()
 
     try:
@@ -133,9 +159,16 @@ def cancel(args: argparse.Namespace) -> int:
     import asyncio
 
     from cosmoforge.services.dispatcher.client import DispatcherClient, DispatcherError
+    from cosmoforge.services.grpcbase import CredentialsError
+
+    try:
+        security = client_security(args)
+    except CredentialsError as error:
+        print(f"dispatcher: {error}", file=sys.stderr)
+        return 1
 
     async def go() -> dict[str, Any]:
-        async with DispatcherClient(args.dispatcher) as client:
+        async with DispatcherClient(args.dispatcher, security=security) as client:
             return await client.cancel(args.run)
 
     try:

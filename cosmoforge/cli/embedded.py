@@ -314,6 +314,11 @@ def postprocess(run: GenerationRun, store: RunStore, console: Console, summary: 
             console.print(f"training the {run.spec.training.preset} preset on {source}")
             summary.training = train_run(run.spec.training, store, source)
             store.write_text("metrics/training.json", json.dumps(asdict(summary.training), indent=2))
+        elif stage.name == "publish":
+            from cosmoforge.publish.run import Settings, publish_run
+
+            pushed = publish_run(store.uri, Settings())
+            console.print(f"published to {pushed.repo}: {len(pushed.uploaded)} file(s) uploaded")
     return store.url(final_data(run.spec))
 
 

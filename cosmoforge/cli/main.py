@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "cosmoforge.cli.operator",
     "cosmoforge.cli.dispatch",
     "cosmoforge.cli.postprocess",
+    "cosmoforge.cli.publish",
 ]
 
 

@@ -19,6 +19,9 @@ def register(subparsers: Any) -> None:
     )
     scope.add_argument("--all-namespaces", action="store_true", help="watch every namespace")
     p.add_argument("--liveness", default=None, metavar="URL", help="e.g. http://0.0.0.0:8080/healthz")
+    p.add_argument(
+        "--metrics-port", type=int, default=0, help="serve the runs' cost and ETA gauges on /metrics (0: off)"
+    )
     p.add_argument("--verbose", action="store_true")
     p.set_defaults(func=operator)
 
@@ -45,6 +48,10 @@ def operator(args: argparse.Namespace) -> int:
         ns for ns in os.environ.get("COSMO_WATCH_NAMESPACES", "").split(",") if ns
     ]
     kopf.configure(verbose=args.verbose)
+    if args.metrics_port:
+        from cosmoforge.generation.metrics import serve
+
+        serve(args.metrics_port)
     kopf.run(
         clusterwide=args.all_namespaces or not namespaces,
         namespaces=namespaces,

@@ -16,6 +16,8 @@ import argparse
 import sys
 from typing import Any
 
+from cosmoforge.cli.grpcauth import server_options, server_security
+
 DEFAULT_GROUP_FIELD = "seed_source"  # repeated from cosmoforge.postprocess.stages to keep --help import-light
 
 
@@ -82,13 +84,11 @@ def _register_decontaminator(
 ) -> None:
     parser = subparsers.add_parser(
         "decontaminator",
-        parents=[index, log_format],
+        parents=[index, log_format, server_options(50052)],
         help="serve benchmark decontamination over gRPC (Check a stream of documents, Report)",
         description="Build the benchmark index once, then serve the Decontaminator gRPC service "
         "and the gRPC health service until SIGTERM/SIGINT.",
     )
-    parser.add_argument("--port", type=int, default=50052, help="gRPC port (default: 50052; 0: any free)")
-    parser.add_argument("--host", default="0.0.0.0", help="address to listen on")
     parser.add_argument("--workers", type=int, default=None, help="checking processes (default: every core)")
     parser.set_defaults(func=run_decontaminator)
 
@@ -218,14 +218,17 @@ def run_decontaminator(args: argparse.Namespace) -> int:
     from cosmoforge import logs
     from cosmoforge.postprocess.stages import decontam
     from cosmoforge.services import decontaminator as decontam_service
+    from cosmoforge.services.grpcbase import CredentialsError
 
     logs.configure(args.log_format)
     try:
+        security = server_security(args)
         config = decontam.Config(args.ngram, args.threshold, args.min_block_chars)
         _check_workers(args.workers)
         index = decontam_service.build_index(args.benchmark, config)
-        asyncio.run(decontam_service.serve(index, args.port, args.host, workers=args.workers))
-    except (decontam.DecontamError, OSError) as error:  # a bad benchmark, setting or port
+        serving = decontam_service.serve(index, args.port, args.host, workers=args.workers, security=security)
+        asyncio.run(serving)
+    except (decontam.DecontamError, CredentialsError, OSError) as error:  # bad benchmark, setting, port
         return _fail("decontaminator", error)
     return 0
 

@@ -166,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     from cosmoforge.postprocess.decontam import DecontamError
     from cosmoforge.postprocess.dedup import DedupError
+    from cosmoforge.publish.run import PublishError
     from cosmoforge.tables import TableError
     from cosmoforge.training import TrainingError
 
@@ -176,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         # Plain print: rich would wrap the path at the terminal width.
         print(f"seed error: {error}", file=sys.stderr)
         return 2
-    except (DedupError, DecontamError, TableError, TrainingError) as error:
+    except (DedupError, DecontamError, TableError, TrainingError, PublishError) as error:
         print(f"{type(error).__name__}: {error} (generated data is kept; rerun to resume)", file=sys.stderr)
         return 2
     console.print(summary_table(summary))
@@ -196,6 +197,7 @@ def worker(args: argparse.Namespace) -> int:
     from cosmoforge import logs
     from cosmoforge.generation import metrics
     from cosmoforge.generation.worker import WorkerConfig, run_worker
+    from cosmoforge.queue.pull import NatsAuthError
     from cosmoforge.spec.model import parse_run
     from cosmoforge.storage import RunStore
 
@@ -216,7 +218,11 @@ def worker(args: argparse.Namespace) -> int:
     )
     if args.worker_id:
         config.worker_id = args.worker_id
-    asyncio.run(run_worker(config))
+    try:
+        asyncio.run(run_worker(config))
+    except NatsAuthError as error:  # the same credentials fail every time: say so once and stop
+        print(f"cosmo worker: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

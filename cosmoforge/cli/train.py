@@ -60,6 +60,7 @@ def _train(args: argparse.Namespace) -> int:
         threads=args.threads,
         device=args.device,
         precision=args.precision,
+        checkpoint_every=args.checkpoint_every,
     )
     try:
         result = train(args.tokens, args.out, config)
@@ -87,11 +88,24 @@ def _evaluate(args: argparse.Namespace) -> int:
             max_samples=args.max_samples,
             data_dir=args.data_dir,
             batch_size=args.batch_size,
+            device=args.device,
         )
     except TrainingError as error:
         return _fail("evaluate", error)
     print(result.to_markdown())
     print(f"results: {args.out}/results.md, {args.out}/results.json")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from cosmoforge.training import TrainingError
+    from cosmoforge.training.convert import convert_checkpoint
+
+    try:
+        checkpoint = convert_checkpoint(args.source, args.out, tokens=args.tokens)
+    except TrainingError as error:
+        return _fail("convert-checkpoint", error)
+    print(f"transformers checkpoint: {checkpoint}")
     return 0
 
 
@@ -131,7 +145,9 @@ def register(subparsers: Any) -> None:
         description="Train a preset Llama on TOKENS (a `cosmo tokenize` folder) and save a checkpoint.",
     )
     train.add_argument("tokens", metavar="TOKENS")
-    train.add_argument("--out", required=True, metavar="DIR", help="folder for checkpoint, loss log and plot")
+    train.add_argument(
+        "--out", required=True, metavar="DIR", help="folder or URI for checkpoint, loss log and plot"
+    )
     train.add_argument("--preset", default="tiny", choices=["tiny", "small", "1b"])
     train.add_argument("--steps", type=_positive, default=200)
     train.add_argument("--batch-size", type=_positive, default=8, help="sequences per step")
@@ -139,6 +155,14 @@ def register(subparsers: Any) -> None:
     train.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     train.add_argument("--warmup", type=int, default=10, help="linear warmup steps")
     train.add_argument("--seed", type=int, default=42)
+    train.add_argument(
+        "--checkpoint-every",
+        type=_positive,
+        default=None,
+        metavar="STEPS",
+        help="steps between resume states in --out (default: a tenth of --steps); "
+        "a rerun with the same --out and settings continues from the last one",
+    )
     train.add_argument("--threads", type=_positive, default=None, help="torch threads (default: 1 for tiny)")
     train.add_argument(
         "--device",
@@ -160,10 +184,10 @@ def register(subparsers: Any) -> None:
         description="Evaluate CHECKPOINT with lighteval (log-likelihood, cloze form).",
     )
     evaluate.add_argument(
-        "checkpoint", metavar="CHECKPOINT", help="checkpoint folder or `cosmo train` output"
+        "checkpoint", metavar="CHECKPOINT", help="checkpoint folder or `cosmo train` output (folder or URI)"
     )
     evaluate.add_argument(
-        "--out", required=True, metavar="DIR", help="folder for results.md and results.json"
+        "--out", required=True, metavar="DIR", help="folder or URI for results.md and results.json"
     )
     evaluate.add_argument("--tasks", default=None, help="comma-separated task names (default: all nine)")
     evaluate.add_argument("--max-samples", type=_positive, default=None, help="samples per task")
@@ -173,4 +197,20 @@ def register(subparsers: Any) -> None:
         help="local task data, one folder per task (default: the Hugging Face Hub)",
     )
     evaluate.add_argument("--batch-size", type=_positive, default=8)
+    evaluate.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]", help="where the model runs")
     evaluate.set_defaults(func=_evaluate)
+
+    convert = subparsers.add_parser(
+        "convert-checkpoint",
+        help="convert a nanotron checkpoint to the transformers format, for `cosmo evaluate`",
+        description="Convert the nanotron checkpoint SOURCE (a step folder, or the folder whose "
+        "latest.txt names one) into OUT/checkpoint, loadable with transformers' from_pretrained.",
+    )
+    convert.add_argument("source", metavar="SOURCE", help="nanotron checkpoint folder or URI")
+    convert.add_argument(
+        "--out", required=True, metavar="DIR", help="folder or URI to write checkpoint/ into"
+    )
+    convert.add_argument(
+        "--tokens", default=None, metavar="DIR", help="the `cosmo tokenize` folder: its tokenizer goes along"
+    )
+    convert.set_defaults(func=_convert)

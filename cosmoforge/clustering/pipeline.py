@@ -125,7 +125,7 @@ class ClusterInput:
 
     @property
     def id_column(self) -> str:
-        """The assignments keep the input's id column; without one, the row number is the id."""
+        """The assignments keep the input's id column; without one, the record's hash is the id."""
         return self.id_field or ROW_ID_COLUMN
 
     def source(self) -> SeedSource:
@@ -421,20 +421,22 @@ def read_assignments(out: str) -> Iterator[pa.Table]:
     yield from open_store(out).read_tables(ASSIGNMENTS_DIR)
 
 
-def document_topics(out: str, id_column: str | None = None) -> dict[str, str]:
-    """Document id -> topic label, for documents in kept, labelled clusters (what prompts use)."""
-    topics = read_topics(out)
-    labels = {
-        row["cluster_id"]: row["label"]
-        for row in topics.to_pylist()
-        if row["kept"] and row["label"] is not None
-    }
-    mapping: dict[str, str] = {}
+def document_topics(out: str, id_column: str | None = None) -> dict[str, str | None]:
+    """Document id -> topic label for documents in kept, labelled clusters (what prompts use), and
+    -> None for documents of clusters the keep rule dropped (which seed no prompt by default).
+
+    A kept cluster without a label (labelling off) names no topic, so its documents are not here.
+    """
+    topics = read_topics(out).to_pylist()
+    labels = {row["cluster_id"]: row["label"] for row in topics if row["kept"] and row["label"] is not None}
+    dropped = {row["cluster_id"] for row in topics if not row["kept"]}
+    mapping: dict[str, str | None] = {}
     for shard in read_assignments(out):
         column = id_column or shard.column_names[0]
         ids = shard.column(column).to_pylist()
         for doc_id, cluster in zip(ids, shard.column("cluster_id").to_pylist(), strict=True):
-            label = labels.get(cluster)
-            if label is not None:
+            if cluster in dropped:
+                mapping[doc_id] = None
+            elif (label := labels.get(cluster)) is not None:
                 mapping[doc_id] = label
     return mapping

@@ -3,24 +3,35 @@
 Workers may write the same prompt twice (a redelivery after a lost ack, a worker killed after
 its shard landed); compaction is where at-least-once delivery becomes exactly-once data. It is
 deterministic: the earliest completion of each prompt wins and rows are ordered by prompt id.
+
+Compacting again (a resumed run, a changed spec) replaces `dataset/` without ever leaving a
+reader with nothing or with half a dataset: the new one is written whole in a folder beside it,
+then the two are swapped, and only then is the old one deleted. A crash while writing leaves the
+old dataset as it was; a crash during the swap is repaired by the next compaction, and readers
+fall back to the old folder meanwhile.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from cosmoforge.redaction import redact_urls
 from cosmoforge.spec import records
 from cosmoforge.storage import DATASET, FAILURES, GENERATIONS, RunStore
 
 ROWS_PER_FILE = 100_000
 # Beside the dataset, not in it: `load_dataset("parquet", data_dir=...)` must see documents only.
 FAILED_TABLE = "failed.parquet"
+# Beside `dataset/` while a compaction writes (STAGING) and swaps (PREVIOUS); the dot keeps them
+# out of globs over the run folder.
+STAGING = f".{DATASET}.new"
+PREVIOUS = f".{DATASET}.old"
 
 
 @dataclass(frozen=True)
@@ -50,10 +61,7 @@ def compact_dataset(store: RunStore, run_name: str, spec_yaml: str, keep: Iterab
     Every driver finishes a run through this one function, so the dataset folder, the failure
     table and the card (with the models that wrote the documents) look the same whoever ran it.
     """
-    result = compact(store, keep=set(keep))
-    models = dataset_models(store)
-    store.write_text(f"{DATASET}/README.md", dataset_card(run_name, spec_yaml, result, models))
-    return replace(result, models=models)
+    return compact(store, keep=set(keep), card=lambda result: dataset_card(run_name, spec_yaml, result))
 
 
 def dataset_models(store: RunStore) -> list[str]:
@@ -62,8 +70,13 @@ def dataset_models(store: RunStore) -> list[str]:
     return sorted(set(table.column("model").to_pylist())) if table is not None else []
 
 
-def compact(store: RunStore, keep: set[str] | None = None) -> Compacted:
-    """Rewrite `dataset/` from the shards; `keep` limits it to the prompts of the current spec."""
+def compact(
+    store: RunStore, keep: set[str] | None = None, card: Callable[[Compacted], str] | None = None
+) -> Compacted:
+    """Replace `dataset/` with one compacted from the shards (`card(result)` as its README);
+    `keep` limits it to the prompts of the current spec. The old dataset stays readable until
+    the new one is complete."""
+    recover(store)
     generations = store.read_folder(GENERATIONS)
     generations = generations if generations is not None else records.GENERATIONS.empty_table()
     generations = generations.cast(records.GENERATIONS)
@@ -86,37 +99,60 @@ def compact(store: RunStore, keep: set[str] | None = None) -> Compacted:
         pc.invert(pc.is_in(failures.column("prompt_id"), value_set=unique.column("prompt_id")))
     )
 
-    store.remove(DATASET)
-    store.remove(FAILED_TABLE)
     count = max(1, -(-unique.num_rows // ROWS_PER_FILE))
-    files = []
-    for index in range(count):
-        name = f"{DATASET}/data-{index:05d}-of-{count:05d}.parquet"
-        store.write_table(name, unique.slice(index * ROWS_PER_FILE, ROWS_PER_FILE))
-        files.append(store.url(name))
-    if failures.num_rows:
-        store.write_table(FAILED_TABLE, failures)
-    tokens = int(pc.sum(unique.column("completion_tokens")).as_py() or 0)
-    return Compacted(
+    names = [f"data-{index:05d}-of-{count:05d}.parquet" for index in range(count)]
+    result = Compacted(
         rows=unique.num_rows,
         failures=failures.num_rows,
         duplicates_dropped=generations.num_rows - unique.num_rows,
-        files=files,
-        tokens=tokens,
+        files=[store.url(DATASET, name) for name in names],
+        tokens=int(pc.sum(unique.column("completion_tokens")).as_py() or 0),
+        models=sorted({model for model in unique.column("model").to_pylist() if model}),
     )
+    store.remove(STAGING)  # a crashed compaction's leftovers
+    for index, name in enumerate(names):
+        store.write_table(f"{STAGING}/{name}", unique.slice(index * ROWS_PER_FILE, ROWS_PER_FILE))
+    if card is not None:
+        store.write_text(f"{STAGING}/README.md", card(result))
+    swap_in(store, STAGING, DATASET, PREVIOUS)
+    if failures.num_rows:
+        store.write_table(FAILED_TABLE, failures)  # one file: replaced whole (RunStore.open_atomic)
+    else:
+        store.remove(FAILED_TABLE)
+    return result
+
+
+def swap_in(store: RunStore, staged: str, target: str, previous: str) -> None:
+    """Make the complete folder `staged` the `target`: the old target moves aside first (readers
+    fall back to it, see `read_dataset`) and is deleted once the new one is in place."""
+    store.remove(previous)
+    if store.fs.exists(store.path(target)):
+        store.fs.mv(store.path(target), store.path(previous), recursive=True)
+    store.fs.mv(store.path(staged), store.path(target), recursive=True)
+    store.remove(previous)
+
+
+def recover(store: RunStore) -> None:
+    """After a crash between the two moves of `swap_in`: put the old dataset back."""
+    if not store.fs.exists(store.path(DATASET)) and store.fs.exists(store.path(PREVIOUS)):
+        store.fs.mv(store.path(PREVIOUS), store.path(DATASET), recursive=True)
 
 
 def read_dataset(store: RunStore, columns: list[str] | None = None) -> pa.Table | None:
-    """The compacted documents (without the failure table that sits beside them)."""
+    """The compacted documents (without the failure table that sits beside them); during a
+    swap, the previous dataset."""
     tables = []
-    for path in store.list_parquet(DATASET):
+    paths = store.list_parquet(DATASET) or store.list_parquet(PREVIOUS)
+    for path in paths:
         if path.rsplit("/", 1)[-1].startswith("data-"):
             with store.fs.open(path, "rb") as handle:
                 tables.append(pq.read_table(handle, columns=columns))
     return pa.concat_tables(tables) if tables else None
 
 
-def dataset_card(run_name: str, spec_yaml: str, result: Compacted, models: list[str]) -> str:
+def dataset_card(run_name: str, spec_yaml: str, result: Compacted) -> str:
+    """The dataset's README: counts, models, columns, and the spec (credentials in URIs masked)."""
+    spec_yaml = redact_urls(spec_yaml)
     columns = "\n".join(f"- `{field.name}` ({field.type})" for field in records.GENERATIONS)
     return f"""---
 configs:
@@ -135,7 +171,7 @@ Synthetic documents generated by cosmoforge from the spec below.
 - documents: {result.rows}
 - generated tokens: {result.tokens}
 - failed prompts: {result.failures} (listed with their reasons in `../{FAILED_TABLE}`)
-- models: {", ".join(models) or "none"}
+- models: {", ".join(result.models) or "none"}
 
 Load it with `datasets.load_dataset("parquet", data_files="<this folder>/data-*.parquet")`.
 

@@ -9,7 +9,9 @@ retried or lands in the run's failure table.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -76,19 +78,23 @@ class TGIBackend:
             )
         except Exception as error:
             raise classify(error) from error
-        choice = reply.choices[0]
-        text = choice.message.content or ""
-        finish = choice.finish_reason
-        # The client has no `stop` for chat; cut client-side so the contract holds for every engine.
-        text, stopped = _truncate_at_stop(text, sampling.stop)
-        usage = reply.usage or {}
-        return Completion(
-            text=text,
-            model=reply.model,
-            prompt_tokens=int(usage.get("prompt_tokens", 0)),
-            completion_tokens=int(usage.get("completion_tokens", 0)),
-            finish_reason="stop_sequence" if stopped else finish,
-        )
+        with answer_checked():
+            choice = reply.choices[0]
+            text = choice.message.content or ""
+            finish = choice.finish_reason
+            # The client has no `stop` for chat; cut client-side so the contract holds for every engine.
+            text, stopped = _truncate_at_stop(text, sampling.stop)
+            usage = reply.usage or {}
+            if not isinstance(usage, dict):
+                usage = dict(getattr(usage, "__dict__", {}))
+            completion = Completion(
+                text=text,
+                model=str(reply.model),
+                prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                completion_tokens=int(usage.get("completion_tokens") or 0),
+                finish_reason="stop_sequence" if stopped else str(finish),
+            )
+        return checked(completion)
 
     async def close(self) -> None:
         return None
@@ -129,18 +135,55 @@ class OpenAIBackend:
             )
         except Exception as error:
             raise classify(error) from error
-        choice = reply.choices[0]
-        usage = reply.usage
-        return Completion(
-            text=choice.message.content or "",
-            model=reply.model,
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
-            finish_reason=choice.finish_reason or "unknown",
-        )
+        with answer_checked():
+            choice = reply.choices[0]
+            usage = reply.usage
+            completion = Completion(
+                text=choice.message.content or "",
+                model=str(reply.model),
+                prompt_tokens=int(usage.prompt_tokens or 0) if usage else 0,
+                completion_tokens=int(usage.completion_tokens or 0) if usage else 0,
+                finish_reason=choice.finish_reason or "unknown",
+            )
+        return checked(completion)
 
     async def close(self) -> None:
         await self.client.close()
+
+
+@contextlib.contextmanager
+def answer_checked() -> Iterator[None]:
+    """An answer that is not the API's shape (no choices, fields missing or null) is a bad
+    answer: retried like a 5xx, then recorded, never left to crash the handler."""
+    try:
+        yield
+    except (IndexError, KeyError, AttributeError, TypeError, ValueError) as error:
+        raise InferenceError("bad_answer", f"{type(error).__name__}: {error}", transient=True) from error
+
+
+def checked(completion: Completion) -> Completion:
+    """No text and no tokens is not a document: a server hiccup worth another try, not a row."""
+    if not completion.text.strip() and completion.completion_tokens == 0:
+        raise InferenceError(
+            "empty_completion", f"the server answered no text (finish: {completion.finish_reason})", True
+        )
+    return completion
+
+
+def _bad_body(error: BaseException) -> bool:
+    """A 200 whose body is not the API's JSON (an HTML page from a proxy, a truncated body)."""
+    name = type(error).__name__
+    module = type(error).__module__
+    return (
+        name in ("ContentTypeError", "JSONDecodeError")
+        # pydantic names the model that failed: the answer's (ChatComplete), not our request's.
+        or (
+            name == "ValidationError"
+            and module.startswith(("pydantic", "pydantic_core"))
+            and "Request" not in str(getattr(error, "title", ""))
+        )
+        or (name == "APIResponseValidationError")
+    )
 
 
 def classify(error: BaseException) -> InferenceError:
@@ -149,6 +192,8 @@ def classify(error: BaseException) -> InferenceError:
         return error
     name = type(error).__name__
     message = str(error) or name
+    if _bad_body(error):
+        return InferenceError("bad_answer", message[:500], transient=True)
     if isinstance(error, asyncio.TimeoutError | TimeoutError | httpx.TimeoutException) or "Timeout" in name:
         return InferenceError("timeout", message, transient=True)
     status = getattr(error, "status_code", None) or getattr(

@@ -45,6 +45,27 @@ REQUEST_SECONDS = Histogram(
 REQUEST_ERRORS = Counter(
     "cosmoforge_request_errors", "Failed inference requests by kind, retried or not", ["run", "kind"]
 )
+# Generator workers: the in-flight controller of each worker's endpoint (generation/inflight.py).
+INFLIGHT_LIMIT = Gauge(
+    "cosmoforge_inflight_limit",
+    "Requests a worker may keep in flight at its endpoint now",
+    ["run", "endpoint"],
+)
+INFLIGHT_LATENCY = Gauge(
+    "cosmoforge_inflight_latency_seconds",
+    "Smoothed latency of successful requests, as the in-flight controller sees it",
+    ["run", "endpoint"],
+)
+ENDPOINT_SATURATED = Gauge(
+    "cosmoforge_endpoint_saturated",
+    "1 while the worker finds its endpoint without spare capacity (queueing, KV cache full, overloaded)",
+    ["run", "endpoint"],
+)
+ENGINE_REQUESTS = Gauge(
+    "cosmoforge_engine_requests",
+    "Requests the engine reports in its batch (running) and in its queue (waiting)",
+    ["run", "endpoint", "state"],
+)
 
 # Dispatcher: the run as a whole.
 QUEUE_DEPTH = Gauge("cosmoforge_queue_depth", "Prompts in the run's stream, waiting or in flight", ["run"])
@@ -60,6 +81,17 @@ RUN_TOKENS_PER_SECOND = Gauge(
     "cosmoforge_run_tokens_per_second", "Tokens per second reported by the run's workers", ["run"]
 )
 RUN_PHASE = Gauge("cosmoforge_run_phase", "1 for the run's current phase, 0 for the others", ["run", "phase"])
+
+# Operator: what a run costs, from the CR status it writes.
+RUN_TOKENS = Gauge("cosmoforge_run_tokens", "Completion tokens of the run so far", ["run"])
+RUN_ETA_SECONDS = Gauge(
+    "cosmoforge_run_eta_seconds", "Seconds until every prompt has an answer, at the current pace", ["run"]
+)
+RUN_GPU_HOURS = Gauge("cosmoforge_run_gpu_hours", "Inference GPU-hours the run has used so far", ["run"])
+RUN_COST = Gauge("cosmoforge_run_cost", "Cost of the GPU-hours so far, at the spec's price", ["run"])
+RUN_ESTIMATED_COST = Gauge(
+    "cosmoforge_run_estimated_cost", "The estimate of the whole generation's cost, before it ran", ["run"]
+)
 
 
 def serve(port: int, host: str = "0.0.0.0") -> int:

@@ -25,14 +25,19 @@ import pyarrow as pa
 from nats.aio.msg import Msg
 
 from cosmoforge import queue
+from cosmoforge.generation import load
 from cosmoforge.generation.inference import Backend, InferenceError, backend_for, complete_with_retries
+from cosmoforge.generation.inflight import InflightController
 from cosmoforge.generation.metrics import InstrumentedBackend, WorkerMeter
+from cosmoforge.generation.pacing import Pacer
 from cosmoforge.queue.topology import prefetch
 from cosmoforge.spec import records
 from cosmoforge.spec.model import GenerationSpec
 from cosmoforge.storage import FAILURES, GENERATIONS, RunStore
 
 log = logging.getLogger("cosmoforge.generation.worker")
+
+STORAGE_RETRY_SECONDS = 5.0
 
 
 @dataclass
@@ -100,10 +105,12 @@ class ShardWriter:
                     table = pa.Table.from_pylist([row for row, _ in failed], schema=records.FAILURES)
                     await asyncio.to_thread(self.store.write_table, f"{FAILURES}/{name}", table)
             except Exception:
-                # Nothing is durable: hand every prompt back for another delivery right away.
+                # Nothing is durable: hand every prompt back for another delivery, after a pause
+                # (storage that just failed rarely recovers in milliseconds; a prompt redelivered
+                # at once would burn its deliveries and its inference again for nothing).
                 for _, msg in done + failed:
                     with contextlib.suppress(Exception):
-                        await msg.nak()
+                        await msg.nak(delay=STORAGE_RETRY_SECONDS)
                 raise
             # Durable now: acknowledge. A lost ack only causes a redelivery that compaction absorbs.
             for _, msg in done:
@@ -116,27 +123,53 @@ class ShardWriter:
             return len(done), len(failed), tokens, dict(kinds)
 
 
+def controller_for(spec: GenerationSpec) -> InflightController:
+    """Adaptive: between the spec's bounds, from `concurrency`. Fixed: pinned at `concurrency`,
+    still judging whether the server is full, so the worker can answer the autoscaler either way."""
+    adaptive = spec.adaptive_concurrency
+    low, high = (adaptive.min, adaptive.max) if adaptive.enabled else (spec.concurrency, spec.concurrency)
+    return InflightController(low, high, spec.concurrency, spec.timeout_seconds)
+
+
 class Worker(queue.PullWorker):
-    """Generates prompts `concurrency` at a time; `ShardWriter` acks them once their shard is durable."""
+    """Generates prompts as many at a time as its pacer allows (`concurrency`, fixed or adaptive);
+    `ShardWriter` acks them once their shard is durable."""
 
     def __init__(self, config: WorkerConfig, backend: Backend | None = None):
         self.config = config
         self.spec = config.generation
+        # Before the base class sets `concurrency`: from then on it is the pacer's limit.
+        self.pacer = Pacer(controller_for(self.spec), config.run, config.endpoint)
         super().__init__(
             config.nats_url,
             queue.stream_name(config.run),
             queue.CONSUMER,
             f"generator-{config.worker_id}",
-            concurrency=self.spec.concurrency,
-            # Prompts fetched ahead of a free slot: a finished request is replaced at once, not
-            # after a round trip to the server, so `concurrency` requests stay really in flight.
-            prefetch=prefetch(self.spec.concurrency),
         )
-        self.backend = InstrumentedBackend(backend or backend_for(self.spec, config.endpoint), config.run)
+        inner = backend or backend_for(self.spec, config.endpoint)
+        self.backend = InstrumentedBackend(self.pacer.wrap(inner), config.run)
         self.meter = WorkerMeter(config.run)
         self.store = RunStore.open(config.output_uri, config.run)
         self.writer = ShardWriter(self.store, config.worker_id, self.spec.shard_size)
         self.sampling = sampling_json(self.spec)
+
+    @property
+    def concurrency(self) -> int:
+        return self.pacer.limit
+
+    @concurrency.setter
+    def concurrency(self, _: int) -> None:
+        """The pacer owns the limit; what the base class sets is ignored."""
+
+    @property
+    def prefetch(self) -> int:
+        # Prompts fetched ahead of a free slot: a finished request is replaced at once, not
+        # after a round trip to the server, so `concurrency` requests stay really in flight.
+        return prefetch(self.pacer.limit)
+
+    @prefetch.setter
+    def prefetch(self, _: int) -> None:
+        """Follows the limit."""
 
     async def run(self) -> None:
         try:
@@ -212,7 +245,21 @@ class Worker(queue.PullWorker):
                 await self.nc.publish(queue.events_subject(self.config.run), queue.encode(event))
 
     async def background(self) -> None:
-        """Writes a shard when it is full or old enough."""
+        """Writes a shard when it is full or old enough; paces requests by the engine's load and
+        answers the autoscaler's load requests."""
+        # The engine's /metrics are read only when something uses them: an adaptive limit, or
+        # an autoscaler that asks the workers whether their servers are full.
+        uses = self.spec.adaptive_concurrency.enabled or self.spec.autoscaling.signal == "saturation"
+        watch = asyncio.create_task(self.pacer.watch_engine() if uses else asyncio.Event().wait())
+        try:
+            await load.answer(self.nc, self.config.run, lambda: self.pacer.report(self.config.worker_id))
+            await self._write_shards()
+        finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watch
+
+    async def _write_shards(self) -> None:
         while True:
             await asyncio.sleep(0.2)
             # An idle worker writes right away: the end of a run should not wait out flush_seconds.

@@ -14,13 +14,15 @@ import kopf
 
 from cosmoforge.operator.children import adopt_and_apply
 from cosmoforge.operator.kube import JOB, Kube
-from cosmoforge.operator.progress import JobState, job_state, next_step, set_condition
+from cosmoforge.operator.progress import JobState, is_true, job_state, next_step, set_condition
 from cosmoforge.operator.render import (
     COMPONENT_LABEL,
     MANAGED_BY,
     RUN_LABEL,
     Platform,
     child_name,
+    clustering_sources,
+    clustering_stages,
     pool_job,
     run_root,
     stage_jobs,
@@ -79,3 +81,36 @@ async def advance(
         root = run_root(run, platform)
         conditions = set_condition(conditions, "Complete", True, "AllStagesSucceeded", root)
     return step.phase, conditions
+
+
+async def cluster_first(
+    body: kopf.Body,
+    kube: Kube,
+    run: GenerationRun,
+    platform: Platform,
+    outputs: dict[str, str],
+    conditions: list[dict[str, Any]],
+) -> tuple[Phase | None, list[dict[str, Any]]]:
+    """The clustering Jobs, all before generation: `Phase.clustering` while one runs, `failed`
+    when one failed, None once every source has its topics (`Clustered`) or none needs them."""
+    planned = clustering_stages(run, platform)
+    if not planned or is_true(conditions, "Clustered"):
+        return None, conditions
+    namespace = body.metadata.namespace or "default"
+    jobs = await stage_jobs_by_component(kube, run, namespace)
+    for stage, source in zip(planned, clustering_sources(run), strict=True):
+        state = jobs.get(stage.name, JobState.missing)
+        if state == JobState.failed:
+            message = f"clustering {source.name} failed: see Job {child_name(run.name, stage.name)}"
+            kopf.warn(body, reason="StageFailed", message=message)
+            return Phase.failed, set_condition(conditions, "Failed", True, "StageFailed", message)
+        if state == JobState.succeeded:
+            outputs[f"topics-{source.name}"] = stage.output
+        if state == JobState.missing and not run.spec.suspend:
+            for job in stage_jobs(run, platform, stage):
+                await adopt_and_apply(kube, body, job)
+            kopf.info(body, reason="StageStarted", message=f"started clustering {source.name}")
+    if all(jobs.get(stage.name) == JobState.succeeded for stage in planned):
+        message = f"topics of {len(planned)} web source(s) ready"
+        return None, set_condition(conditions, "Clustered", True, "TopicsReady", message)
+    return Phase.clustering, conditions

@@ -16,6 +16,8 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from cosmoforge import queue
+from cosmoforge.generation.load import WorkerLoad, gather
+from cosmoforge.queue import auth as queue_auth
 from cosmoforge.queue.state import QueueState
 from cosmoforge.spec.model import GenerationRun
 
@@ -60,7 +62,12 @@ class QueueProbe:
     async def _js(self) -> JetStreamContext:
         if self._nc is None or self._nc.is_closed:
             self._nc = await nats.connect(
-                self.url, connect_timeout=3, max_reconnect_attempts=2, allow_reconnect=True, name="operator"
+                self.url,
+                connect_timeout=3,
+                max_reconnect_attempts=2,
+                allow_reconnect=True,
+                name="operator",
+                **queue_auth.connect_options(),
             )
         return self._nc.jetstream()
 
@@ -75,6 +82,12 @@ class QueueProbe:
         """The run's work-queue stream and the generators' durable consumer, created once, with
         the same limits the dispatcher gives it (`queue.consumer_limits`)."""
         await queue.ensure_generation_queue(await self._js(), run.name, run.spec.generation)
+
+    async def loads(self, run: str) -> list[WorkerLoad]:
+        """What the run's generator workers say about their servers (`generation/load.py`)."""
+        await self._js()
+        assert self._nc is not None
+        return await gather(self._nc, run)
 
     async def state(self, run: str) -> QueueState | None:
         """The run's queue (`depth` = pending + in flight); None before it exists."""

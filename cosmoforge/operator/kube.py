@@ -4,13 +4,21 @@ kopf brings aiohttp and logs in (service account or kubeconfig); this client reu
 connection info instead of a second, synchronous client library, and speaks only what the
 operator needs: get, create, merge-patch, delete and list-by-label of namespaced objects.
 Merge patches only, so the same calls work against any API server, kmock included.
+
+Two things a long-lived in-cluster client must do that a one-shot one need not: the kubelet
+rotates the service account's token file (bound tokens expire after about an hour), so the
+token is read again every minute and at once after a 401; and kinds the cluster may lack or
+the Role may not grant (KEDA's ScaledObject) read as empty rather than failing the caller,
+so deleting a run never hangs on its finalizer.
 """
 
 from __future__ import annotations
 
 import ssl
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -24,11 +32,18 @@ class KubeError(Exception):
         super().__init__(f"HTTP {status}: {message}")
 
 
+SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+TOKEN_REFRESH_SECONDS = 60.0
+
+
 @dataclass(frozen=True)
 class Kind:
+    """`optional`: a kind from an add-on (KEDA) that the cluster or the Role may not have."""
+
     api_version: str
     kind: str
     plural: str
+    optional: bool = False
 
     def path(self, namespace: str, name: str | None = None) -> str:
         prefix = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
@@ -39,7 +54,7 @@ class Kind:
 DEPLOYMENT = Kind("apps/v1", "Deployment", "deployments")
 SERVICE = Kind("v1", "Service", "services")
 JOB = Kind("batch/v1", "Job", "jobs")
-SCALED_OBJECT = Kind("keda.sh/v1alpha1", "ScaledObject", "scaledobjects")
+SCALED_OBJECT = Kind("keda.sh/v1alpha1", "ScaledObject", "scaledobjects", optional=True)
 CHILD_KINDS = (DEPLOYMENT, SERVICE, JOB, SCALED_OBJECT)
 
 
@@ -64,12 +79,40 @@ def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
     return context
 
 
-class Kube:
-    """One aiohttp session per operator run, authenticated with kopf's connection info."""
+def _absent(error: KubeError, kind: Kind) -> bool:
+    """Not installed (404), or an optional kind this operator may not touch (403)."""
+    return error.status == 404 or (error.status == 403 and kind.optional)
 
-    def __init__(self, connection: Callable[[], kopf.ConnectionInfo | None]):
+
+class TokenSource:
+    """The bearer token: the service account's file, read again when a minute old or after a
+    401 (the kubelet rewrites it before it expires), else what kopf logged in with."""
+
+    def __init__(self, path: Path = SERVICE_ACCOUNT_TOKEN, max_age: float = TOKEN_REFRESH_SECONDS):
+        self.path, self.max_age = path, max_age
+        self._token: str | None = None
+        self._read_at = float("-inf")
+
+    def token(self, fallback: str | None, *, fresh: bool = False) -> str | None:
+        if fresh or time.monotonic() - self._read_at >= self.max_age:
+            self._read_at = time.monotonic()
+            try:
+                self._token = self.path.read_text(encoding="utf-8").strip() or None
+            except OSError:  # not in a cluster: kubeconfig credentials, kopf's to refresh
+                self._token = None
+        return self._token or fallback
+
+
+class Kube:
+    """One aiohttp session per operator run, authenticated with kopf's connection info and the
+    service account's current token."""
+
+    def __init__(
+        self, connection: Callable[[], kopf.ConnectionInfo | None], tokens: TokenSource | None = None
+    ):
         # Resolved on first use: kopf logs in after the startup handlers have run.
         self.connection = connection
+        self.tokens = tokens or TokenSource()
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -79,8 +122,6 @@ class Kube:
             if info is None:
                 raise kopf.TemporaryError("not logged in to the Kubernetes API yet", delay=5)
             headers = {"Accept": "application/json"}
-            if info.token:
-                headers["Authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
             auth = None
             if info.username and info.password:
                 auth = aiohttp.BasicAuth(info.username, info.password)
@@ -97,12 +138,25 @@ class Kube:
         if self._session is not None:
             await self._session.close()
 
+    def _authorization(self, *, fresh: bool = False) -> dict[str, str]:
+        info = self.connection()
+        token = self.tokens.token(info.token if info else None, fresh=fresh)
+        if not token:
+            return {}
+        scheme = (info.scheme if info else None) or "Bearer"
+        return {"Authorization": f"{scheme} {token}"}
+
     async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        async with self.session.request(method, path.lstrip("/"), **kwargs) as response:
-            if response.status >= 400:
-                text = await response.text()
-                raise KubeError(response.status, text[:500])
-            return await response.json(content_type=None)
+        extra = kwargs.pop("headers", {})
+        for attempt in (1, 2):
+            headers = {**extra, **self._authorization(fresh=attempt == 2)}
+            async with self.session.request(method, path.lstrip("/"), headers=headers, **kwargs) as response:
+                if response.status == 401 and attempt == 1:
+                    continue  # a rotated token: read it again and retry once
+                if response.status >= 400:
+                    text = await response.text()
+                    raise KubeError(response.status, text[:500])
+                return await response.json(content_type=None)
 
     async def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -132,7 +186,7 @@ class Kube:
         try:
             await self._call("DELETE", kind.path(namespace, name), json=body)
         except KubeError as error:
-            if error.status == 404:
+            if _absent(error, kind):
                 return False
             raise
         return True
@@ -143,7 +197,7 @@ class Kube:
         try:
             result = await self._call("GET", kind.path(namespace), params={"labelSelector": selector})
         except KubeError as error:
-            if error.status == 404:  # the kind is not installed (e.g. KEDA): nothing to list
+            if _absent(error, kind):  # KEDA not installed, or not granted: nothing of it to list
                 return []
             raise
         items: list[dict[str, Any]] = result.get("items") or []

@@ -31,7 +31,10 @@ def job_state(job: Mapping[str, Any] | None) -> JobState:
     if job is None:
         return JobState.missing
     status = job.get("status") or {}
-    if int(status.get("succeeded") or 0) > 0:
+    # An Indexed Job (nanotron across nodes) is done when every index is: the other nodes end
+    # before node 0 has converted the checkpoint. A work-queue Job has no completion count.
+    completions = int((job.get("spec") or {}).get("completions") or 1)
+    if int(status.get("succeeded") or 0) >= completions:
         return JobState.succeeded
     for condition in status.get("conditions") or []:
         if condition.get("status") == "True" and condition.get("type") in ("Complete", "SuccessCriteriaMet"):
@@ -49,6 +52,7 @@ class Counts:
     prompts: int = 0
     generated: int = 0
     failed: int = 0
+    tokens: int = 0  # completion tokens so far
     tokens_per_second: float = 0.0
     done: bool = False
     error: str = ""
@@ -82,6 +86,7 @@ def counts_from(queue: QueueState | None, dispatcher: Mapping[str, Any] | None) 
             prompts=_int(dispatcher, "prompts"),
             generated=_int(dispatcher, "generated"),
             failed=_int(dispatcher, "failed"),
+            tokens=_int(dispatcher, "tokens"),
             tokens_per_second=float(rate or 0.0),
             done=phase == "succeeded",
             error=str(dispatcher.get("message") or phase) if phase in ("failed", "cancelled") else "",
@@ -97,6 +102,52 @@ def progress_text(counts: Counts) -> str:
         return ""
     finished = min(counts.prompts, counts.generated + counts.failed)
     return f"{finished}/{counts.prompts} ({100.0 * finished / counts.prompts:.0f}%)"
+
+
+def eta_seconds(counts: Counts) -> float | None:
+    """Seconds until every prompt has an answer, at the current pace; None before there is a pace.
+
+    The pace is tokens/s over the tokens a finished prompt took so far: document counts move in
+    shard-sized steps, tokens/s moves smoothly.
+    """
+    remaining = counts.prompts - counts.generated - counts.failed
+    if counts.prompts > 0 and remaining <= 0:
+        return 0.0
+    if counts.generated <= 0 or counts.tokens <= 0 or counts.tokens_per_second <= 0:
+        return None
+    return remaining * (counts.tokens / counts.generated) / counts.tokens_per_second
+
+
+def duration_text(seconds: float | None) -> str:
+    """A short duration for a printer column: 45s, 12m, 3h20m, 2d4h; "" when unknown."""
+    if seconds is None:
+        return ""
+    whole = round(seconds)
+    days, rest = divmod(whole, 86_400)
+    hours, rest = divmod(rest, 3_600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m" if minutes else f"{secs}s"
+
+
+def spend(
+    previous: Mapping[str, Any] | None, gpus: int, now: float, gpu_hour_price: float | None
+) -> dict[str, Any]:
+    """GPU-hours used so far: the GPUs the last reconcile saw, for the time since it; `gpus` now.
+
+    Kept in the status so it survives an operator restart; time while the operator was down is
+    counted at the GPUs it last saw, which is what the cluster kept running.
+    """
+    previous = previous or {}
+    hours = float(previous.get("gpuHours") or 0.0)
+    since, seen = previous.get("observedAt"), previous.get("gpus")
+    if isinstance(since, int | float) and isinstance(seen, int) and now > since:
+        hours += seen * (now - since) / 3600
+    cost = round(hours * gpu_hour_price, 2) if gpu_hour_price is not None else None
+    return {"gpus": gpus, "gpuHours": round(hours, 6), "cost": cost, "observedAt": now}
 
 
 @dataclass(frozen=True)
@@ -189,3 +240,8 @@ def set_condition(
 
 def condition(conditions: Sequence[Mapping[str, Any]], kind: str) -> Mapping[str, Any] | None:
     return next((c for c in conditions if c.get("type") == kind), None)
+
+
+def is_true(conditions: Sequence[Mapping[str, Any]], kind: str) -> bool:
+    found = condition(conditions, kind)
+    return found is not None and found.get("status") == "True"

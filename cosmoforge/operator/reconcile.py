@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -19,8 +20,10 @@ from typing import Any
 
 import kopf
 
+from cosmoforge.generation import metrics
+from cosmoforge.generation.load import saturation as saturated_share
 from cosmoforge.operator import autoscale
-from cosmoforge.operator.advance import advance
+from cosmoforge.operator.advance import advance, cluster_first
 from cosmoforge.operator.children import adopt_and_apply, pause_keda, scale
 from cosmoforge.operator.dispatch import QueueProbe, dispatcher_status, register_run
 from cosmoforge.operator.kube import DEPLOYMENT, Kube
@@ -29,8 +32,12 @@ from cosmoforge.operator.progress import (
     Counts,
     condition,
     counts_from,
+    duration_text,
+    eta_seconds,
+    is_true,
     progress_text,
     set_condition,
+    spend,
 )
 from cosmoforge.operator.render import (
     COMPONENT_LABEL,
@@ -41,11 +48,14 @@ from cosmoforge.operator.render import (
     initial_replicas,
     output_uri,
     run_root,
+    with_topics_from,
     workloads,
 )
 from cosmoforge.queue.state import QueueState
+from cosmoforge.runs.plan import assumptions_of, estimate
 from cosmoforge.spec.model import GenerationRun, Phase, SpecError, dump_run
-from cosmoforge.spec.validation import validate_document
+from cosmoforge.spec.problems import summary
+from cosmoforge.spec.validation import validate_document_async
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 Conditions = list[dict[str, Any]]
@@ -80,11 +90,6 @@ def phase_of(status: Mapping[str, Any]) -> Phase:
         return Phase.pending
 
 
-def is_true(conditions: Sequence[Mapping[str, Any]], kind: str) -> bool:
-    found = condition(conditions, kind)
-    return found is not None and found.get("status") == "True"
-
-
 @dataclass(frozen=True)
 class Generation:
     """What the pass observed of generation: the queue, registration and the counts."""
@@ -98,7 +103,7 @@ class Generation:
 async def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Logger) -> None:
     status = dict(body.get("status") or {})
     platform: Platform = memo.platform
-    accepted = _accept(body, patch, status, platform, logger)
+    accepted = await _accept(body, patch, status, platform, logger)
     if accepted is None:
         return
     run, phase, conditions = accepted
@@ -107,6 +112,16 @@ async def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger
         await scale(kube, run, 0)
         patch.status["replicas"] = 0
         patch.status["conditions"] = conditions
+        return
+    outputs = dict(status.get("outputs") or {})
+    clustering, conditions = await cluster_first(body, kube, run, platform, outputs, conditions)
+    if clustering is not None:
+        # Prompts wait for the topics: no registration and no generators yet, and the server
+        # keeps at least one replica, for the labeller, whatever the (empty) queue says.
+        pending = Generation(None, registered=False, counts=Counts(), done=False)
+        servers = 0 if clustering in TERMINAL else initial_replicas(run)
+        units = await _converge_workloads(body, kube, run, platform, pending, memo, replicas=servers)
+        write_status(patch, clustering, pending.counts, units, outputs, conditions, body)
         return
     queue_state = await observe_queue(memo.queue, run, owns_queue=not platform.dispatcher, logger=logger)
     reachable = queue_state is not None
@@ -120,7 +135,6 @@ async def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger
     generation, conditions = _generation(body, queue_state, registered, dispatched, conditions)
     units = await _converge_workloads(body, kube, run, platform, generation, memo)
 
-    outputs = dict(status.get("outputs") or {})
     outputs.setdefault("dataset", f"{run_root(run, platform)}/dataset")
     if generation.counts.error:
         phase = Phase.failed
@@ -136,18 +150,31 @@ async def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger
     suspended = run.spec.suspend
     conditions = set_condition(conditions, "Suspended", suspended, "SpecSuspend" if suspended else "Running")
     write_status(patch, phase, generation.counts, units, outputs, conditions, body)
+    costs = cost_status(run, generation.counts, status, phase, time.time())
+    if costs.get("estimate"):
+        kopf.info(body, reason="Estimate", message=estimate_text(costs["estimate"]))
+    patch.status.update(costs)
+    # While training and evaluation run, and once more as the run ends, for the final figures.
+    finishing = phase == Phase.succeeded and phase_of(status) != Phase.succeeded
+    if phase in (Phase.training, Phase.evaluating) or finishing:
+        trained = await training_status(run, platform, logger)
+        if trained:
+            patch.status["training"] = trained
+    export_costs(run.name, generation.counts, costs)
     if phase != phase_of(status):
         kopf.info(body, reason="Phase", message=f"{phase_of(status)} -> {phase}")
 
 
-def _accept(
+async def _accept(
     body: kopf.Body, patch: kopf.Patch, status: Mapping[str, Any], platform: Platform, logger: Logger
 ) -> tuple[GenerationRun, Phase, Conditions] | None:
     """The run, its phase and conditions if its spec is usable here; else rejected, and None."""
     conditions = list(status.get("conditions") or [])
     phase = phase_of(status)
     try:
-        run = validate_document(document_of(body), source=f"{body.metadata.namespace}/{body.metadata.name}")
+        source = f"{body.metadata.namespace}/{body.metadata.name}"
+        # Off the event loop: checking template overrides may take seconds.
+        run = await validate_document_async(document_of(body), source, platform.storage_policy())
         run_root(run, platform)
     except SpecError as error:
         reject(body, patch, conditions, error.problems, logger)
@@ -186,11 +213,17 @@ async def _converge_workloads(
     platform: Platform,
     generation: Generation,
     memo: kopf.Memo,
+    replicas: int | None = None,
 ) -> int:
-    """Server, Service, generators and scaler as decided for this pass; the server replicas."""
+    """Server, Service, generators and scaler as decided for this pass (or with `replicas`
+    servers); the server replicas."""
     namespace = namespace_of(body)
-    server = await kube.get(DEPLOYMENT, namespace, child_name(run.name, "inference"))
-    units = decide_replicas(run, server, generation.queue, generation.done, memo)
+    if replicas is None:
+        server = await kube.get(DEPLOYMENT, namespace, child_name(run.name, "inference"))
+        saturated = await observe_saturation(memo.queue, run)
+        units = decide_replicas(run, server, generation.queue, generation.done, memo, saturated)
+    else:
+        units = 0 if run.spec.suspend else replicas
     keda = run.spec.generation.autoscaling.mode == "keda"
     for manifest in workloads(run, platform, units):
         if manifest["metadata"]["labels"][COMPONENT_LABEL] == "generator" and not generation.registered:
@@ -209,7 +242,7 @@ def reject(
     logger: Logger,
 ) -> None:
     """An unusable spec: phase Failed, a condition and an event naming field and reason; no children."""
-    message = "; ".join(f"{field}: {reason}" for field, reason in problems)
+    message = summary(problems)  # short, and no data rows or secrets: many people read Events
     logger.warning(f"invalid spec: {message}")
     patch.status["phase"] = Phase.failed.value
     patch.status["conditions"] = set_condition(conditions, "Valid", False, "InvalidSpec", message)
@@ -250,7 +283,7 @@ async def register(
                 logger.warning(f"dispatcher status for {run.name} failed: {error!r}")
                 return True, None, conditions
     if status is None:
-        runnable = run.model_copy(deep=True)
+        runnable = with_topics_from(run, platform).model_copy(deep=True)
         runnable.spec.output.uri = output_uri(run, platform)
         try:
             status = await register_run(platform.dispatcher, dump_run(runnable))
@@ -274,12 +307,26 @@ def error_code(error: Exception) -> str:
     return str(getattr(code, "name", code) or "")
 
 
+async def observe_saturation(probe: QueueProbe, run: GenerationRun) -> float | None:
+    """Share of the run's workers that find their server full, when the run scales on it; None
+    when it does not, or when no worker answers (the autoscaler then falls back to depth)."""
+    scaling = run.spec.generation.autoscaling
+    if scaling.mode != "builtin" or scaling.signal != "saturation" or not deploys_server(run):
+        return None
+    try:
+        return saturated_share(await probe.loads(run.name))
+    except Exception as error:  # NATS away: the queue probe reports it; scale on depth meanwhile
+        logging.getLogger(__name__).warning(f"load of {run.name}'s workers unknown: {error!r}")
+        return None
+
+
 def decide_replicas(
     run: GenerationRun,
     server: Mapping[str, Any] | None,
     queue_state: QueueState | None,
     generation_done: bool,
     memo: kopf.Memo,
+    saturation: float | None = None,
 ) -> int:
     """Server replicas (or, with an external endpoint, 1 while generators should run, else 0)."""
     generation = run.spec.generation
@@ -300,9 +347,96 @@ def decide_replicas(
         window=generation.autoscaling.stabilization_seconds,
         now=time.monotonic(),
         history=memo.get("history", ()),
+        saturation=saturation,
+        waiting=queue_state.waiting if queue_state is not None else 0,
+        ready=int((server or {}).get("status", {}).get("readyReplicas") or 0) if server else None,
     )
     memo["history"] = decision.history
     return decision.replicas
+
+
+def cost_status(
+    run: GenerationRun, counts: Counts, status: Mapping[str, Any], phase: Phase, now: float
+) -> dict[str, Any]:
+    """Status fields for people who pay: the estimate once the prompts are counted (before any
+    completion, so before the GPUs have cost much), tokens so far, the ETA and the spend so far.
+
+    The spend counts the inference GPUs the last reconcile saw (status `replicas`); an external
+    endpoint's GPUs are not this run's to count.
+    """
+    assumptions = assumptions_of(run)
+    fields: dict[str, Any] = {"tokens": counts.tokens}
+    previous = status.get("estimate") or {}
+    if counts.prompts > 0 and previous.get("prompts") != counts.prompts:
+        planned = estimate(run, counts.prompts, assumptions)
+        fields["estimate"] = {
+            "prompts": planned.prompts,
+            "completionTokens": planned.completion_tokens,
+            "gpuHours": _rounded(planned.gpu_hours),
+            "wallHours": _rounded(planned.wall_hours),
+            "cost": _rounded(planned.cost),
+            "source": planned.throughput_source[:200],
+        }
+    over = phase in TERMINAL
+    fields["eta"] = "" if over else duration_text(eta_seconds(counts))
+    # A run that ends now adds its last interval and counts no GPU after it (the servers go to
+    # zero, and a finished run is not reconciled for cost again).
+    gpus = 0 if over or not deploys_server(run) else int(status.get("replicas") or 0)
+    gpus *= max(1, run.spec.generation.gpus_per_replica)
+    fields["spend"] = spend(status.get("spend"), gpus, now, assumptions.gpu_hour_price)
+    return fields
+
+
+async def training_status(run: GenerationRun, platform: Platform, logger: Logger) -> dict[str, Any]:
+    """Step, loss, tokens/s, MFU and the evaluation table, from the files the trainers write in
+    the run's folder; {} when there are none yet or storage does not answer in time."""
+    if run.spec.training is None:
+        return {}
+
+    def read() -> dict[str, Any]:
+        from cosmoforge.storage import RunStore
+        from cosmoforge.training.metrics import training_summary
+
+        store = RunStore.open(output_uri(run, platform), run.name)
+        texts = [store.read_text(path) for path in ("checkpoints/progress.json", "eval/results.json")]
+        progress, results = (json.loads(text) if text else None for text in texts)
+        return training_summary(progress, results)
+
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(read), timeout=10)
+    except Exception as error:  # storage down or a file half written: the next pass reads again
+        logger.warning(f"training progress of {run.name} unreadable: {error!r}")
+        return {}
+
+
+def export_costs(run: str, counts: Counts, costs: Mapping[str, Any]) -> None:
+    """The status's cost fields as gauges, for dashboards across runs (an unknown stays unset)."""
+    metrics.RUN_TOKENS.labels(run).set(counts.tokens)
+    eta = eta_seconds(counts) if costs.get("eta") else None
+    if eta is not None:
+        metrics.RUN_ETA_SECONDS.labels(run).set(eta)
+    spent = costs.get("spend") or {}
+    if spent:
+        metrics.RUN_GPU_HOURS.labels(run).set(spent["gpuHours"])
+        if spent.get("cost") is not None:
+            metrics.RUN_COST.labels(run).set(spent["cost"])
+    planned = costs.get("estimate") or {}
+    if planned.get("cost") is not None:
+        metrics.RUN_ESTIMATED_COST.labels(run).set(planned["cost"])
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+def estimate_text(planned: Mapping[str, Any]) -> str:
+    hours, cost = planned.get("gpuHours"), planned.get("cost")
+    text = f"{planned['prompts']} prompts, about {planned['completionTokens']} completion tokens"
+    if hours is not None:
+        text += f", {hours} GPU-hours ({planned.get('wallHours')} h at replicas.max)"
+    if cost is not None:
+        text += f", cost {cost}"
+    return text
 
 
 def write_status(

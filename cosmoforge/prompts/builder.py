@@ -8,8 +8,10 @@ the same seed files always give byte-identical prompts, and every prompt carries
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
+import json
 import random
 import re
 from collections.abc import Iterator, Mapping
@@ -19,11 +21,10 @@ from importlib import resources
 from typing import Any
 
 import yaml
-from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError
-from jinja2.sandbox import SandboxedEnvironment
 
 from cosmoforge.prompts.seeds import SeedRecord, read_seed
-from cosmoforge.spec.model import GenerationRun, SeedKind
+from cosmoforge.spec.model import GenerationRun, GenerationSpec, SeedKind, SeedSource
+from cosmoforge.spec.template_check import bounded_environment, check_isolated
 
 TEMPLATE_FOR_KIND = {
     SeedKind.outline: "outline",
@@ -33,6 +34,8 @@ TEMPLATE_FOR_KIND = {
     SeedKind.instruction: "story",
 }
 STORY_STYLE = "story"
+# `kind: prompt` seeds bring their own prompt text: no template renders it.
+GIVEN = "given"
 
 
 @dataclass(frozen=True)
@@ -82,25 +85,23 @@ def resolve_templates(overrides: Mapping[str, str]) -> dict[str, Template]:
     return templates
 
 
-_ENV = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=False, autoescape=False)
+# Real prompts render under the same bounds as the check: a template cannot do more work on a
+# seed record than it did on the sample.
+_ENV = bounded_environment()
 
 
-def check_template(template_id: str, text: str) -> str | None:
-    """The reason a template cannot be used, or None; renders it against a sample of each field."""
-    if template_id not in TEMPLATE_FOR_KIND.values():
-        return f"unknown template id {template_id!r}; known: {', '.join(sorted(TEMPLATE_FOR_KIND.values()))}"
-    try:
-        compiled = _ENV.from_string(text)
-        compiled.render(**_context(_SAMPLE_RECORD, _SAMPLE_VOICE, _SAMPLE_VOICE, "sample topic", "sample"))
-    except TemplateSyntaxError as error:
-        return f"template syntax error on line {error.lineno}: {error.message}"
-    except UndefinedError as error:
-        return f"template uses an unknown field: {error.message}"
-    return None
-
-
-_SAMPLE_RECORD = SeedRecord("sample", "web", "0", "sample text", "sample topic", "sample", {})
-_SAMPLE_VOICE = {"label": "sample", "instructions": "sample"}
+def template_problems(overrides: Mapping[str, str], sample_chars: int) -> list[tuple[str, str]]:
+    """(template id, reason) for each override that cannot be used: an unknown id, or a
+    template that fails the bounded check on a seed text of `sample_chars` characters, which
+    runs in a child process with a time and memory limit (blocking: async callers use a thread)."""
+    known = set(TEMPLATE_FOR_KIND.values())
+    problems = [
+        (tid, f"unknown template id {tid!r}; known: {', '.join(sorted(known))}")
+        for tid in overrides
+        if tid not in known
+    ]
+    checked = check_isolated({tid: text for tid, text in overrides.items() if tid in known}, sample_chars)
+    return problems + list(checked.items())
 
 
 def _context(
@@ -136,8 +137,28 @@ def openings_instruction(banned: list[str]) -> str:
     return f"Be creative and original: do not open with {quoted} or any other stock phrase."
 
 
-def prompt_id(run: str, record: SeedRecord, template: Template, audience: str, style: str) -> str:
-    key = "\x1f".join((run, record.source, record.id, template.id, template.version, audience, style))
+def generation_key(generation: GenerationSpec) -> str:
+    """The generation settings that change a completion, as one canonical string: the model
+    (and its revision), every sampling parameter and the token budget. Where the model runs
+    (engine, endpoint, replicas, concurrency) changes no completion and is left out."""
+    settings = {
+        "model": generation.model,
+        "revision": generation.revision,
+        "max_new_tokens": generation.max_new_tokens,
+        "sampling": generation.sampling.model_dump(mode="json"),
+    }
+    return json.dumps(settings, sort_keys=True, separators=(",", ":"))
+
+
+def prompt_id(
+    run: str, record: SeedRecord, template: Template, audience: str, style: str, text: str, generation: str
+) -> str:
+    """The key every later stage uses. It covers the record and the pair that chose the prompt,
+    the rendered text (so a changed seed row or template gives a new id) and the generation
+    settings (so a new model or sampling regenerates): resuming skips exactly what is unchanged."""
+    key = "\x1f".join(
+        (run, record.source, record.id, template.id, template.version, audience, style, text, generation)
+    )
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
@@ -177,22 +198,31 @@ def prompts_for_source(
     run: GenerationRun, records: Iterator[SeedRecord], kind: str, source: str
 ) -> Iterator[Prompt]:
     spec = run.spec.prompts
+    generation = generation_key(run.spec.generation)
+    if kind == SeedKind.prompt:
+        yield from _given_prompts(run, records, generation)
+        return
     templates = resolve_templates(spec.templates)
     template = templates[TEMPLATE_FOR_KIND[SeedKind(kind)]]
     compiled = _ENV.from_string(template.text)
     table = voices()
     rng = _source_rng(spec.seed, source)
-    deck = _Deck(_pairs(kind, run), rng)
+    pairs = _pairs(kind, run)
+    deck = _Deck(pairs, rng)
     openings = openings_instruction(spec.banned_openings)
     audience_table = table["story_audiences"] if kind == SeedKind.instruction else table["audiences"]
+    max_chars = _max_chars(run, source)
     for record in records:
-        record = _truncated(record, spec.max_seed_chars)
-        for audience, style in deck.deal(spec.variants_per_seed):
+        record = _truncated(record, max_chars)
+        fixed = _fixed_pair(record, pairs)
+        for audience, style in [fixed] if fixed else deck.deal(spec.variants_per_seed):
             topic = record.topic if record.topic and rng.random() < spec.topic_conditioning else None
             style_voice = table["styles"].get(style, {"label": "story", "instructions": ""})
-            text = compiled.render(**_context(record, audience_table[audience], style_voice, topic, openings))
+            text = _tidy(
+                compiled.render(**_context(record, audience_table[audience], style_voice, topic, openings))
+            )
             yield Prompt(
-                prompt_id=prompt_id(run.name, record, template, audience, style),
+                prompt_id=prompt_id(run.name, record, template, audience, style, text, generation),
                 run=run.name,
                 seed_source=record.source,
                 seed_kind=record.kind,
@@ -202,31 +232,74 @@ def prompts_for_source(
                 topic=topic,
                 template_id=template.id,
                 template_version=template.version,
-                prompt=_tidy(text),
+                prompt=text,
             )
+
+
+def _given_prompts(run: GenerationRun, records: Iterator[SeedRecord], generation: str) -> Iterator[Prompt]:
+    """One prompt per record of a `kind: prompt` source, its text as given (never truncated: a
+    cut prompt is another prompt); audience, style and topic columns come along as lineage."""
+    given = Template(SeedKind.prompt.value, GIVEN, "")
+    for record in records:
+        audience, style = record.audience or "", record.style or ""
+        yield Prompt(
+            prompt_id=prompt_id(run.name, record, given, audience, style, record.text, generation),
+            run=run.name,
+            seed_source=record.source,
+            seed_kind=record.kind,
+            seed_id=record.id,
+            audience=audience,
+            style=style,
+            topic=record.topic,
+            template_id=given.id,
+            template_version=given.version,
+            prompt=record.text,
+        )
+
+
+def _fixed_pair(record: SeedRecord, pairs: list[tuple[str, str]]) -> tuple[str, str] | None:
+    """The pair a record's own audience and style columns name, when the spec has it: a record
+    of a dataset whose rows were each written for one pair keeps it."""
+    # A value the spec does not use (another dataset's name for a reader) names nothing.
+    audience = record.audience if record.audience in {a for a, _ in pairs} else None
+    style = record.style if record.style in {s for _, s in pairs} else None
+    if audience is None and style is None:
+        return None
+    matching = [pair for pair in pairs if audience in (None, pair[0]) and style in (None, pair[1])]
+    # Only one of the two named: the other is chosen by the record, not by the deal order.
+    digest = hashlib.sha256(record.id.encode()).digest()
+    return matching[int.from_bytes(digest[:4], "big") % len(matching)]
+
+
+def _max_chars(run: GenerationRun, source: str) -> int:
+    named: SeedSource | None = next((s for s in run.spec.seeds if s.name == source), None)
+    if named is not None and named.max_chars is not None:
+        return named.max_chars
+    return run.spec.prompts.max_seed_chars
 
 
 def _truncated(record: SeedRecord, limit: int) -> SeedRecord:
     if len(record.text) <= limit:
         return record
     cut = record.text[:limit].rsplit(" ", 1)[0]
-    return SeedRecord(
-        record.source, record.kind, record.id, cut, record.topic, record.category, record.fields
-    )
+    return dataclasses.replace(record, text=cut)
 
 
 def _tidy(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(line.rstrip() for line in text.strip().splitlines()))
 
 
-def with_topics(records: Iterator[SeedRecord], topics: Mapping[str, str]) -> Iterator[SeedRecord]:
-    """Records carry the cluster topic of their document unless the seed file already names one."""
+def with_topics(
+    records: Iterator[SeedRecord], topics: Mapping[str, str | None], keep_dropped: bool = False
+) -> Iterator[SeedRecord]:
+    """Records carry the cluster topic of their document unless the seed file already names one;
+    documents of dropped clusters (topic None) are left out unless `keep_dropped`."""
     for record in records:
-        topic = record.topic or topics.get(record.id)
-        if topic != record.topic:
-            record = SeedRecord(
-                record.source, record.kind, record.id, record.text, topic, record.category, record.fields
-            )
+        if record.topic is None and record.id in topics:
+            topic = topics[record.id]
+            if topic is None and not keep_dropped:
+                continue
+            record = dataclasses.replace(record, topic=topic)
         yield record
 
 
@@ -244,6 +317,7 @@ def build_prompts(
         if source.topics_uri is not None:
             from cosmoforge.clustering.pipeline import document_topics
 
-            stream = with_topics(stream, document_topics(source.topics_uri, source.id_field))
+            keep = run.spec.clustering is not None and run.spec.clustering.keep_dropped
+            stream = with_topics(stream, document_topics(source.topics_uri, source.id_field), keep)
         prompts = prompts_for_source(run, stream, source.kind, source.name)
         yield from itertools.islice(prompts, quotas[source.name])

@@ -36,6 +36,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from cosmoforge.queue.auth import PASSWORD_ENV, TOKEN_ENV, USER_ENV, connect_options, redact
 from cosmoforge.queue.topology import ACK_WAIT_SECONDS
 
 log = logging.getLogger("cosmoforge.queue.pull")
@@ -43,16 +44,43 @@ log = logging.getLogger("cosmoforge.queue.pull")
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+class NatsAuthError(ConnectionError):
+    """The server refused this client's credentials: retrying with the same ones cannot help."""
+
+
+# What nats-server answers (as -ERR) to missing, wrong or expired credentials.
+_AUTH_REFUSALS = ("authorization violation", "authentication", "user authentication expired")
+
+
+def _refused(error: BaseException) -> bool:
+    return any(words in str(error).lower() for words in _AUTH_REFUSALS)
+
+
 async def connect_unless_stopped(url: str, stopping: asyncio.Event, **options: Any) -> NATS | None:
     """Connect, retrying for as long as it takes (a pod may start before NATS answers), unless
-    `stopping` is set first (a SIGTERM during a rollout): then None."""
-    log.info("connecting to NATS at %s", url)
+    `stopping` is set first (a SIGTERM during a rollout): then None. Credentials come from the
+    environment (`auth.connect_options`); a server that refuses them raises NatsAuthError at
+    once instead of being dialled forever."""
+    log.info("connecting to NATS at %s", redact(url))
+    refused, connected = asyncio.Event(), asyncio.Event()
+    their_error_cb = options.pop("error_cb", None) or _log_error
+
+    async def error_cb(error: Exception) -> None:
+        if _refused(error) and not connected.is_set():
+            refused.set()  # later refusals (after a reconnect) are the caller's to handle
+        else:
+            await their_error_cb(error)
+
+    options = {**connect_options(), **options, "error_cb": error_cb}
     connecting = asyncio.ensure_future(nats.connect(url, max_reconnect_attempts=-1, **options))
-    stopped = asyncio.ensure_future(stopping.wait())
-    await asyncio.wait({connecting, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    stopped.cancel()
-    if connecting.done():
-        return connecting.result()
+    waiters = {asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(refused.wait())}
+    await asyncio.wait({connecting, *waiters}, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in waiters:
+        waiter.cancel()
+    if connecting.done() and not connecting.cancelled() and connecting.exception() is None:
+        connected.set()
+        nc: NATS = connecting.result()
+        return nc
     # nats.py swallows a cancellation that lands while it closes a failed attempt: cancel again
     # until the attempt really ends, or it would keep dialling (and this call waiting) forever.
     while not connecting.done():
@@ -60,7 +88,16 @@ async def connect_unless_stopped(url: str, stopping: asyncio.Event, **options: A
         await asyncio.wait({connecting}, timeout=0.1)
     with contextlib.suppress(asyncio.CancelledError, Exception):
         connecting.result()
+    if refused.is_set():
+        raise NatsAuthError(
+            f"NATS at {redact(url)} refused the credentials: set {USER_ENV} and {PASSWORD_ENV} (or "
+            f"{TOKEN_ENV}) from the NATS Secret"
+        )
     return None
+
+
+async def _log_error(error: Exception) -> None:
+    log.warning("NATS: %s", error)
 
 
 async def settle(reply: Awaitable[Any]) -> None:
@@ -269,10 +306,10 @@ class PullWorker:
 
     async def _pull(self, sub: Any) -> bool:
         """Fetch until stopped or idle too long (False), or until the consumer is gone (True)."""
-        limit = self.concurrency + self.prefetch
         while not self.stopping.is_set():
             self._start_ahead()
-            room = limit - len(self.in_flight) - len(self.ahead)
+            # Read each time: a worker may change its concurrency while it runs (adaptive limits).
+            room = self.concurrency + self.prefetch - len(self.in_flight) - len(self.ahead)
             if room <= 0:
                 await asyncio.wait(self.in_flight, return_when=asyncio.FIRST_COMPLETED)
                 continue

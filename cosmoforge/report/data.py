@@ -269,6 +269,8 @@ def collect(
     if live:
         progress |= {k: live[k] for k in ("prompts", "generated", "failed", "remaining") if k in live}
     generation = ((spec.get("spec") or {}).get("generation")) or {}
+    if gpu_hour_price is None:  # the flag first, then the spec's own price
+        gpu_hour_price = (((spec.get("spec") or {}).get("cost")) or {}).get("gpuHourPrice")
     return {
         "run": (spec.get("metadata") or {}).get("name") or store.uri.rsplit("/", 1)[-1],
         "uri": store.uri,

@@ -50,6 +50,7 @@ from cosmoforge.prompts.builder import build_prompts
 from cosmoforge.prompts.manifest import PublishCount, done_ids, pending_messages, unique_ids, write_prompts
 from cosmoforge.prompts.seeds import SeedError
 from cosmoforge.queue import ACK_WAIT_SECONDS, QueueState, consumer_limits, drained
+from cosmoforge.queue import auth as queue_auth
 from cosmoforge.runs.status import ACTIVE, PHASES, RunStatus, apply_event, outcome, parse_event
 from cosmoforge.spec.model import GenerationRun, Phase, SpecError, dump_run, single_document
 from cosmoforge.spec.validation import resolve_uri, validate_document
@@ -172,7 +173,11 @@ class RunManager:
     async def start(self) -> None:
         """Connect, open the registry and take up again every run that was active."""
         self._nc = await nats.connect(
-            self.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5, name="cosmoforge-dispatcher"
+            self.nats_url,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            name="cosmoforge-dispatcher",
+            **queue_auth.connect_options(),
         )
         self._kv = await self._registry()
         for name, record in (await self._records()).items():
@@ -185,7 +190,7 @@ class RunManager:
             # Counts start over: storage and the stream say where the run stands now.
             tracked.status = RunStatus(run=name, output_uri=saved.output_uri, started_at=saved.started_at)
             try:
-                tracked.run = load_spec(tracked.spec_yaml, f"registry:{name}")
+                tracked.run = await asyncio.to_thread(load_spec, tracked.spec_yaml, f"registry:{name}")
                 await self._launch(tracked)
             except (SpecError, StartFailed) as error:
                 await self._fail(tracked, f"cannot resume: {error}")
@@ -202,7 +207,8 @@ class RunManager:
     # --- the API the servicer calls -------------------------------------------------------
 
     async def start_run(self, spec_text: str) -> RunStatus:
-        run = load_spec(spec_text)
+        # Off the event loop: checking template overrides may take seconds.
+        run = await asyncio.to_thread(load_spec, spec_text)
         spec_yaml = dump_run(run)
         async with self.lock:
             tracked = self.runs.get(run.name)
@@ -241,16 +247,20 @@ class RunManager:
         tracked = self.runs.get(name)
         if tracked is None:
             raise RunNotFound(f"no run named {name!r}")
-        phase = tracked.status.phase
+        phase, sent_final = tracked.status.phase, tracked.status.final
         yield tracked.status, "snapshot"
-        while not tracked.status.final:
-            changed = tracked.changed
-            try:
-                await asyncio.wait_for(changed.wait(), heartbeat)
-                reason = "phase" if tracked.status.phase != phase else "progress"
-            except TimeoutError:
-                reason = "heartbeat"
-            phase = tracked.status.phase
+        # Whether the status was final is taken before each yield: a run that ends while an
+        # event is on its way (a seed error right after the start) still gets its final event.
+        while not sent_final:
+            woken = True
+            if not tracked.status.final:
+                changed = tracked.changed
+                try:
+                    await asyncio.wait_for(changed.wait(), heartbeat)
+                except TimeoutError:
+                    woken = False
+            reason = "phase" if tracked.status.phase != phase else "progress" if woken else "heartbeat"
+            phase, sent_final = tracked.status.phase, tracked.status.final
             yield tracked.status, reason
 
     async def cancel(self, name: str) -> RunStatus:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from cosmoforge.prompts.builder import Prompt
 from cosmoforge.spec.model import GenerationRun
@@ -122,29 +122,6 @@ class Assumptions:
     gpu_hour_price: float | None = None
 
 
-@dataclass(frozen=True)
-class Plan:
-    run: str
-    model: str
-    prompts: int
-    by_source: dict[str, int]
-    by_audience: dict[str, int]
-    by_style: dict[str, int]
-    prompt_tokens: int
-    prompt_tokens_source: str
-    completion_tokens_per_prompt: float
-    completion_tokens: int
-    completion_source: str
-    gpu: str
-    gpus: int  # GPUs at replicas.max
-    tokens_per_second_per_gpu: float | None
-    throughput_source: str
-    gpu_hours: float | None
-    wall_hours: float | None
-    gpu_hour_price: float | None
-    cost: float | None
-
-
 def prompt_tokens(counts: PromptCounts, counter: TokenCounter | None) -> tuple[int, str]:
     """Prompt tokens of the whole run: exact on the sample, scaled by characters beyond it."""
     if counter is None or not counts.sample:
@@ -162,16 +139,54 @@ def prompt_tokens(counts: PromptCounts, counter: TokenCounter | None) -> tuple[i
     return tokens, f"{how} with {owner}"
 
 
-def plan_run(
-    run: GenerationRun,
-    counts: PromptCounts,
-    counter: TokenCounter | None = None,
-    assumptions: Assumptions | None = None,
-) -> Plan:
-    """The plan for a run from its prompt counts: tokens, GPU-hours, wall time and cost."""
-    assumptions = assumptions or Assumptions()
+@dataclass(frozen=True)
+class Estimate:
+    """Completion tokens, GPU time and cost of `prompts` prompts, with where each figure came from."""
+
+    prompts: int
+    completion_tokens_per_prompt: float
+    completion_tokens: int
+    completion_source: str
+    gpu: str
+    gpus: int  # GPUs at replicas.max
+    tokens_per_second_per_gpu: float | None
+    throughput_source: str
+    gpu_hours: float | None
+    wall_hours: float | None
+    gpu_hour_price: float | None
+    cost: float | None
+
+
+@dataclass(frozen=True)
+class Plan(Estimate):
+    """An estimate with what it was computed from: the prompts by kind and their tokens."""
+
+    run: str
+    model: str
+    by_source: dict[str, int]
+    by_audience: dict[str, int]
+    by_style: dict[str, int]
+    prompt_tokens: int
+    prompt_tokens_source: str
+
+
+def assumptions_of(run: GenerationRun, given: Assumptions | None = None) -> Assumptions:
+    """The user's overrides: what is given (flags) first, then the spec's `cost` section."""
+    given = given or Assumptions()
+    cost = run.spec.cost
+    return Assumptions(
+        fill_ratio=given.fill_ratio if given.fill_ratio is not None else cost.fill_ratio,
+        fill_source=given.fill_source,
+        tokens_per_second=given.tokens_per_second or cost.tokens_per_second,
+        gpu=given.gpu or cost.gpu,
+        gpu_hour_price=given.gpu_hour_price or cost.gpu_hour_price,
+    )
+
+
+def estimate(run: GenerationRun, prompts: int, assumptions: Assumptions | None = None) -> Estimate:
+    """What generating `prompts` prompts of this run takes: tokens, GPU-hours, wall time, cost."""
+    assumptions = assumptions_of(run, assumptions)
     generation = run.spec.generation
-    tokens, tokens_source = prompt_tokens(counts, counter)
     gpu = assumptions.gpu or ("cpu-2" if str(generation.engine) == "embedded" else "H100")
     budget = generation.max_new_tokens
     if assumptions.fill_ratio is not None:
@@ -185,7 +200,7 @@ def plan_run(
             f"min(maxNewTokens, {COSMOPEDIA_MEAN_TOKENS:.0f}): Cosmopedia's published mean "
             "(25B tokens / 30M documents)"
         )
-    completion = math.ceil(per_prompt * counts.prompts)
+    completion = math.ceil(per_prompt * prompts)
     gpus = generation.replicas.max * max(1, generation.gpus_per_replica)
     rate, rate_source = assumptions.tokens_per_second, "given"
     if rate is None:
@@ -197,17 +212,9 @@ def plan_run(
             else f"no published figure for {generation.model} on {gpu}: pass --tokens-per-second"
         )
     gpu_hours = completion / rate / 3600 if rate else None
-    wall = gpu_hours / gpus if gpu_hours is not None else None
     price = assumptions.gpu_hour_price
-    return Plan(
-        run=run.name,
-        model=generation.model,
-        prompts=counts.prompts,
-        by_source=dict(counts.by_source.most_common()),
-        by_audience=dict(counts.by_audience.most_common()),
-        by_style=dict(counts.by_style.most_common()),
-        prompt_tokens=tokens,
-        prompt_tokens_source=tokens_source,
+    return Estimate(
+        prompts=prompts,
         completion_tokens_per_prompt=per_prompt,
         completion_tokens=completion,
         completion_source=fill_source,
@@ -216,9 +223,29 @@ def plan_run(
         tokens_per_second_per_gpu=rate,
         throughput_source=rate_source,
         gpu_hours=gpu_hours,
-        wall_hours=wall,
+        wall_hours=gpu_hours / gpus if gpu_hours is not None else None,
         gpu_hour_price=price,
         cost=gpu_hours * price if gpu_hours is not None and price is not None else None,
+    )
+
+
+def plan_run(
+    run: GenerationRun,
+    counts: PromptCounts,
+    counter: TokenCounter | None = None,
+    assumptions: Assumptions | None = None,
+) -> Plan:
+    """The plan for a run from its prompt counts: tokens, GPU-hours, wall time and cost."""
+    tokens, tokens_source = prompt_tokens(counts, counter)
+    return Plan(
+        run=run.name,
+        model=run.spec.generation.model,
+        by_source=dict(counts.by_source.most_common()),
+        by_audience=dict(counts.by_audience.most_common()),
+        by_style=dict(counts.by_style.most_common()),
+        prompt_tokens=tokens,
+        prompt_tokens_source=tokens_source,
+        **asdict(estimate(run, counts.prompts, assumptions)),
     )
 
 

@@ -15,7 +15,10 @@ from typing import Literal
 from cosmoforge.spec.model import GenerationRunSpec, Phase
 from cosmoforge.storage import DATASET, KEPT
 
-StageName = Literal["dedup", "decontaminate", "tokenize", "train", "evaluate"]
+StageName = Literal["dedup", "decontaminate", "tokenize", "train", "evaluate", "publish"]
+
+# What the publish stage writes in the run root: a record of the last push (repo, commit, files).
+PUBLISH = "publish"
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,10 @@ def post_stages(spec: GenerationRunSpec) -> list[PlannedStage]:
         result.append(PlannedStage("train", Phase.training, "tokens", "checkpoints"))
         if training.evaluate:
             result.append(PlannedStage("evaluate", Phase.evaluating, "checkpoints", "eval"))
+    if spec.output.hub is not None:
+        # Last, so what is published is what the whole chain ran on; it reads the final documents
+        # (training reads them too and changes nothing).
+        result.append(PlannedStage("publish", Phase.publishing, current, PUBLISH))
     return result
 
 

@@ -213,34 +213,48 @@ def build_index(benchmarks: list[str], config: decontam.Config) -> decontam.Inde
 def create_server(
     index: decontam.Index,
     port: int = 0,
-    host: str = "0.0.0.0",
+    host: str = grpcbase.DEFAULT_HOST,
     checker: decontam.Checker | None = None,
     batch_size: int = decontam.BATCH_SIZE,
+    security: grpcbase.ServerSecurity | None = None,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """A server with the Decontaminator and health services bound to host:port (0: a free port).
 
     `checker` (the caller's, started before this call and closed after the server stops) spreads
     verification over its processes; without one, batches are checked in threads of this process.
+    With `security`, every Decontaminator call needs its bearer token (TLS with a certificate).
     """
-    server = grpc.aio.server(options=_CHANNEL_OPTIONS)
+    server = grpcbase.new_server(security, options=_CHANNEL_OPTIONS)
     servicer = DecontaminatorServicer(index, batch_size, checker)
     pb_grpc.add_DecontaminatorServicer_to_server(servicer, server)
-    health_servicer, bound = grpcbase.bind(server, host, port)
+    health_servicer, bound = grpcbase.bind(server, host, port, security)
     return server, health_servicer, bound
 
 
-async def serve(index: decontam.Index, port: int, host: str = "0.0.0.0", workers: int | None = None) -> None:
+async def serve(
+    index: decontam.Index,
+    port: int,
+    host: str = grpcbase.DEFAULT_HOST,
+    workers: int | None = None,
+    security: grpcbase.ServerSecurity | None = None,
+) -> None:
     """Serve until SIGTERM or SIGINT, verifying on `workers` processes (default: every core)."""
     # The processes fork before gRPC starts any thread, and inherit the index.
     checker = decontam.Checker(index, workers)
     try:
-        await _serve(index, port, host, checker)
+        await _serve(index, port, host, checker, security)
     finally:
         checker.close()
 
 
-async def _serve(index: decontam.Index, port: int, host: str, checker: decontam.Checker) -> None:
-    server, health_servicer, bound = create_server(index, port, host, checker)
+async def _serve(
+    index: decontam.Index,
+    port: int,
+    host: str,
+    checker: decontam.Checker,
+    security: grpcbase.ServerSecurity | None,
+) -> None:
+    server, health_servicer, bound = create_server(index, port, host, checker, security=security)
     stop = grpcbase.stop_on_signals()
     try:
         await server.start()
@@ -265,12 +279,13 @@ def main(
     benchmarks: list[str],
     config: decontam.Config,
     port: int,
-    host: str = "0.0.0.0",
+    host: str = grpcbase.DEFAULT_HOST,
     workers: int | None = None,
+    security: grpcbase.ServerSecurity | None = None,
 ) -> int:
     """Build the index (errors surface before anything listens), then serve it."""
     index = build_index(benchmarks, config)
-    asyncio.run(serve(index, port, host, workers))
+    asyncio.run(serve(index, port, host, workers, security))
     return 0
 
 
@@ -299,15 +314,17 @@ async def _documents(documents: Iterable[Document] | AsyncIterable[Document]) ->
 class DecontaminatorClient(grpcbase.Client):
     """`async with DecontaminatorClient("host:port") as c: async for v in c.check(docs): ...`."""
 
-    def __init__(self, target: str, timeout: float | None = 60.0):
-        super().__init__(target, timeout, options=_CHANNEL_OPTIONS)
+    def __init__(
+        self, target: str, timeout: float | None = 60.0, security: grpcbase.ClientSecurity | None = None
+    ):
+        super().__init__(target, timeout, options=_CHANNEL_OPTIONS, security=security)
         self.stub = pb_grpc.DecontaminatorStub(self.channel)
 
     async def check(
         self, documents: Iterable[Document] | AsyncIterable[Document]
     ) -> AsyncIterator[dict[str, Any]]:
         """One verdict dict per document, in order; documents are dicts with `text`, `id`, `group`."""
-        call = self.stub.Check(_documents(documents))
+        call = self.stub.Check(_documents(documents), metadata=self.metadata)
         try:
             async for verdict in call:
                 yield verdict_dict(verdict)
@@ -319,7 +336,7 @@ class DecontaminatorClient(grpcbase.Client):
     async def report(self) -> dict[str, Any]:
         """The server's report so far, as `cosmo decontaminate` writes report.json."""
         try:
-            reply = await self.stub.Report(pb.ReportRequest(), timeout=self.timeout)
+            reply = await self.stub.Report(pb.ReportRequest(), timeout=self.timeout, metadata=self.metadata)
         except grpc.aio.AioRpcError as error:
             raise DecontaminatorError(error.code().name, error.details() or "") from None
         report: dict[str, Any] = json.loads(reply.report_json)

@@ -129,7 +129,21 @@ def custom_resource_definition() -> dict[str, Any]:
                         {"name": "Progress", "type": "string", "jsonPath": ".status.progress"},
                         {"name": "Generated", "type": "integer", "jsonPath": ".status.generated"},
                         {"name": "Tokens/s", "type": "number", "jsonPath": ".status.tokensPerSecond"},
+                        {"name": "ETA", "type": "string", "jsonPath": ".status.eta"},
                         {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas"},
+                        {
+                            "name": "GPU-hours",
+                            "type": "number",
+                            "priority": 1,
+                            "jsonPath": ".status.spend.gpuHours",
+                        },
+                        {"name": "Cost", "type": "number", "priority": 1, "jsonPath": ".status.spend.cost"},
+                        {
+                            "name": "Loss",
+                            "type": "number",
+                            "priority": 1,
+                            "jsonPath": ".status.training.loss",
+                        },
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],
                     "schema": {

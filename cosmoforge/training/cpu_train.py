@@ -10,8 +10,11 @@ datatrove's `DatatroveFolderDataset`, the reader nanotron's Nanoset is built on,
 `sequence_length + 1` tokens are cut exactly as on the cluster. The learning-rate schedule
 (linear warmup, cosine decay to a tenth) is the one the nanotron config asks for.
 
-Outputs in the run folder: `checkpoint/` (save_pretrained weights and tokenizer), `loss.jsonl`
-and `loss.csv` (one row per step), `loss.png`, and `train.json` (a summary).
+Outputs in the output folder (local or any fsspec URI): `checkpoint/` (save_pretrained weights
+and tokenizer), `loss.jsonl` and `loss.csv` (one row per step), `progress.json` (the same rows
+in the shape the nanotron launcher writes, which the run's status reads), `loss.png`,
+`train.json` (a summary, written last) and `resume/state.pt` (written on a schedule; a rerun
+continues from it).
 
 Module-level imports are the standard library and cosmoforge modules that import only the
 standard library, so the benchmark can import this module on a machine with torch and
@@ -30,15 +33,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cosmoforge.training import TrainingError
+from cosmoforge.training import TrainingError, remote
+from cosmoforge.training.metrics import PROGRESS_FILE, Progress, ProgressRecord
 from cosmoforge.training.presets import ModelPreset, check_sequence_length, get_preset
 from cosmoforge.training.tokenize import TOKENIZER_FILE, read_metrics
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
 CHECKPOINT_DIR = "checkpoint"
+# Everything a restarted `cosmo train` needs to go on where the last one stopped: weights,
+# optimizer and schedule state, the step and the loss rows, in one file so it lands whole.
+RESUME_STATE = "resume/state.pt"
+# What must match for a resume state to continue this training rather than another one.
+RESUME_KEYS = ("preset", "steps", "batch_size", "sequence_length", "learning_rate", "warmup_steps", "seed")
 MIN_LR_RATIO = 0.1
 DEVICES = ("auto", "cpu", "cuda")
 # fp32: weights and compute in float32. bf16-mixed: float32 master weights, optimizer state and
@@ -66,6 +77,13 @@ class TrainConfig:
     device: str = "auto"
     # auto: fp32 on the CPU; on CUDA the preset's dtype (bfloat16 -> bf16-mixed). See PRECISIONS.
     precision: str = "auto"
+    # Steps between resume states (uploaded with the loss log when the output is remote);
+    # None: a tenth of the run.
+    checkpoint_every: int | None = None
+
+    @property
+    def checkpoint_interval(self) -> int:
+        return self.checkpoint_every or max(1, math.ceil(self.steps / 10))
 
 
 @dataclass
@@ -130,6 +148,8 @@ def check_config(config: TrainConfig) -> ModelPreset:
     if config.batch_size < 1:
         raise TrainingError(f"batch size must be at least 1, got {config.batch_size}")
     check_device_name(config.device)
+    if config.checkpoint_every is not None and config.checkpoint_every < 1:
+        raise TrainingError(f"checkpoint interval must be at least 1 step, got {config.checkpoint_every}")
     if config.precision not in PRECISIONS:
         raise TrainingError(f"unknown precision {config.precision!r}: use one of {', '.join(PRECISIONS)}")
     return preset
@@ -243,11 +263,15 @@ def train_step(
     from torch.nn import functional
 
     inputs, labels = window[:, :-1], window[:, 1:]
-    with torch.autocast(window.device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-        logits = model(input_ids=inputs, use_cache=False).logits
-    loss = functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    autocast = torch.autocast(window.device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    # lighteval switches gradients off process-wide when it loads a model; a training that
+    # follows an evaluation in the same process (an embedded run's next stage) needs them back.
+    with torch.enable_grad():
+        with autocast:
+            logits = model(input_ids=inputs, use_cache=False).logits
+        loss = functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     learning_rate = float(schedule.get_last_lr()[0])
     optimizer.step()
@@ -304,11 +328,24 @@ def plot_losses(losses: list[float], path: Path, title: str) -> None:
 
 def save_checkpoint(model: Any, tokens: str, tokenizer: dict[str, Any], checkpoint: Path) -> None:
     model.save_pretrained(str(checkpoint))
-    # The tokenize step keeps the exact tokenizer it used beside the tokens; prefer it to a
-    # second Hub download.
-    local_tokenizer = Path(tokens) / TOKENIZER_FILE
-    source = str(local_tokenizer) if local_tokenizer.is_file() else tokenizer["name_or_path"]
-    save_tokenizer(source, tokenizer["eos_token"], checkpoint)
+    store_tokenizer(tokens, tokenizer, checkpoint)
+
+
+def store_tokenizer(tokens: str, tokenizer: dict[str, Any], checkpoint: Path) -> None:
+    """The tokenizer the token folder was made with, saved beside the weights.
+
+    The tokenize step keeps the exact tokenizer it used beside the tokens (perhaps in object
+    storage); it is preferred to a second Hub download."""
+    kept = remote.read_bytes(remote.join(tokens, TOKENIZER_FILE))
+    if kept is None:
+        save_tokenizer(tokenizer["name_or_path"], tokenizer["eos_token"], checkpoint)
+        return
+    staged = checkpoint / f".{TOKENIZER_FILE}"
+    staged.write_bytes(kept)
+    try:
+        save_tokenizer(str(staged), tokenizer["eos_token"], checkpoint)
+    finally:
+        staged.unlink(missing_ok=True)
 
 
 def token_windows(tokens: str, metrics: dict[str, Any], config: TrainConfig) -> Any:
@@ -329,75 +366,198 @@ def token_windows(tokens: str, metrics: dict[str, Any], config: TrainConfig) -> 
     return windows
 
 
-def train(tokens: str, output: str | Path, config: TrainConfig) -> TrainResult:
-    """Train `config.preset` on the token folder for `config.steps` steps and save everything."""
+def batch_indices(step: int, windows: int, config: TrainConfig, _cache: dict[int, Any] | None = None) -> Any:
+    """The windows of `step`: epochs over a fresh permutation each, seeded by the epoch number.
+
+    A pure function of the step, so a resumed run draws exactly the batches the interrupted
+    one would have drawn; `_cache` keeps the current epoch's permutation between calls."""
+    import torch
+
+    per_epoch = windows // config.batch_size
+    epoch, position = divmod(step, per_epoch)
+    cache = {} if _cache is None else _cache
+    if epoch not in cache:
+        cache.clear()
+        cache[epoch] = torch.randperm(windows, generator=torch.Generator().manual_seed(config.seed + epoch))
+    return cache[epoch][position * config.batch_size : (position + 1) * config.batch_size]
+
+
+def load_resume_state(output: str, config: TrainConfig) -> dict[str, Any] | None:
+    """The resume state under `output` when it continues this training, else None.
+
+    A state written by a different configuration is an error, not something to overwrite:
+    the folder holds another training's progress."""
+    import io
+
+    import torch
+
+    data = remote.read_bytes(remote.join(output, RESUME_STATE))
+    if data is None:
+        return None
+    state: dict[str, Any] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    saved = state.get("config") or {}
+    wanted = asdict(config)
+    different = [key for key in RESUME_KEYS if saved.get(key) != wanted[key]]
+    if different:
+        raise TrainingError(
+            f"{output} holds a resume state of another training ({', '.join(different)} differ): "
+            "use a new --out or remove it"
+        )
+    return state
+
+
+def save_resume_state(output: str, local: Path, state: dict[str, Any]) -> None:
+    """Write the state whole: write-then-rename locally, then one upload when remote."""
+    import torch
+
+    target = local / RESUME_STATE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, target)
+    if remote.is_remote(output):
+        remote.upload_file(target, remote.join(output, RESUME_STATE))
+
+
+def progress_file(rows: list[dict[str, float]], total_steps: int) -> str:
+    """The loss rows as the progress file the nanotron launcher writes too (no MFU on a CPU)."""
+    progress = Progress(run="")
+    for row in rows:
+        progress.add(
+            ProgressRecord(
+                step=int(row["step"]),
+                total_steps=total_steps,
+                loss=float(row["loss"]),
+                tokens_per_second=float(row["tokens_per_second"]),
+                consumed_tokens=int(row["tokens"]),
+                learning_rate=float(row["lr"]),
+                time=float(row["elapsed_seconds"]),
+            )
+        )
+    return progress.to_json()
+
+
+def publish_progress(output: str, local: Path, rows: list[dict[str, float]], total_steps: int) -> None:
+    """The loss log so far, where the output folder is (the run's status reads progress.json)."""
+    write_loss_logs(rows, local)
+    (local / PROGRESS_FILE).write_text(progress_file(rows, total_steps), encoding="utf-8")
+    if remote.is_remote(output):
+        for name in ("loss.jsonl", "loss.csv", PROGRESS_FILE):
+            remote.upload_file(local / name, remote.join(output, name))
+
+
+def train(
+    tokens: str,
+    output: str | Path,
+    config: TrainConfig,
+    on_step: Callable[[dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train `config.preset` on the token folder for `config.steps` steps and save everything.
+
+    `output` is a local folder or an fsspec URI. Every `checkpoint_interval` steps the resume
+    state and loss log are written there; a later call with the same output and configuration
+    continues from the last state instead of starting again (a replaced pod, a Ctrl-C).
+    `on_step` sees each step's loss row as it is recorded.
+    """
     preset = check_config(config)
     device = resolve_device(config.device)
     precision = resolve_precision(preset, device, config.precision)
     metrics = read_metrics(tokens)
     tokenizer = metrics["tokenizer"]
     vocab_size = int(tokenizer["vocab_size"])
+    output = str(output)
 
     import torch
-    from torch.utils.data import DataLoader, RandomSampler
 
     windows = token_windows(tokens, metrics, config)
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(config.threads or (1 if preset.name == "tiny" else os.cpu_count() or 1))
-    torch.manual_seed(config.seed)
-    model = build_model(preset, vocab_size, int(tokenizer["eos_token_id"]), device, precision)
-    parameters = sum(p.numel() for p in model.parameters())
-    optimizer = make_optimizer(model, config, device)
-    schedule = make_schedule(optimizer, config)
-    generator = torch.Generator().manual_seed(config.seed)
+    resumed = load_resume_state(output, config)
+    with remote.staging(output, prefix="cosmo-train-") as out:
+        torch.set_num_threads(config.threads or (1 if preset.name == "tiny" else os.cpu_count() or 1))
+        torch.manual_seed(config.seed)
+        model = build_model(preset, vocab_size, int(tokenizer["eos_token_id"]), device, precision)
+        parameters = sum(p.numel() for p in model.parameters())
+        optimizer = make_optimizer(model, config, device)
+        schedule = make_schedule(optimizer, config)
+        rows: list[dict[str, float]] = []
+        first_step = 0
+        if resumed is not None:
+            model.load_state_dict(resumed["model"])
+            optimizer.load_state_dict(resumed["optimizer"])
+            schedule.load_state_dict(resumed["schedule"])
+            rows = list(resumed["rows"])
+            first_step = int(resumed["step"])
 
-    def batches() -> Any:
-        while True:  # epochs over the windows, reshuffled each time
-            sampler = RandomSampler(windows, generator=generator)
-            yield from DataLoader(windows, batch_size=config.batch_size, sampler=sampler, drop_last=True)
+        started = time.perf_counter()
+        seen = int(rows[-1]["tokens"]) if rows else 0
+        earlier = float(rows[-1]["elapsed_seconds"]) if rows else 0.0
+        permutations: dict[int, Any] = {}
+        for step in range(first_step, config.steps):
+            indices = batch_indices(step, len(windows), config, permutations)
+            batch = torch.stack([windows[int(index)]["input_ids"] for index in indices])
+            window = batch.long().to(device, non_blocking=True)
+            loss, learning_rate = train_step(model, optimizer, schedule, window, precision, config.grad_clip)
+            seen += window.shape[0] * (window.shape[1] - 1)
+            loss_value = float(loss.item())  # synchronises a GPU, so elapsed includes the step
+            elapsed = earlier + time.perf_counter() - started
+            rows.append(
+                {
+                    "step": step + 1,
+                    "loss": round(loss_value, 6),
+                    "lr": float(learning_rate),
+                    "tokens": seen,
+                    "tokens_per_second": round(seen / elapsed, 1),
+                    "elapsed_seconds": round(elapsed, 3),
+                }
+            )
+            if (step + 1) % config.checkpoint_interval == 0 and step + 1 < config.steps:
+                state = {
+                    "config": asdict(config),
+                    "step": step + 1,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "rows": rows,
+                }
+                save_resume_state(output, out, state)
+                publish_progress(output, out, rows, config.steps)
+            if on_step is not None:
+                on_step(rows[-1])
+        seconds = float(rows[-1]["elapsed_seconds"])
+        losses = [float(row["loss"]) for row in rows]
 
-    rows: list[dict[str, float]] = []
-    losses: list[float] = []
-    started = time.perf_counter()
-    seen = 0
-    stream = batches()
-    for step in range(config.steps):
-        window = next(stream)["input_ids"].long().to(device, non_blocking=True)
-        loss, learning_rate = train_step(model, optimizer, schedule, window, precision, config.grad_clip)
-        seen += window.shape[0] * (window.shape[1] - 1)
-        losses.append(float(loss.item()))  # synchronises a GPU, so elapsed includes the step
-        elapsed = time.perf_counter() - started
-        rows.append(
-            {
-                "step": step + 1,
-                "loss": round(losses[-1], 6),
-                "lr": float(learning_rate),
-                "tokens": seen,
-                "tokens_per_second": round(seen / elapsed, 1),
-                "elapsed_seconds": round(elapsed, 3),
-            }
+        checkpoint = out / CHECKPOINT_DIR
+        save_checkpoint(model, tokens, tokenizer, checkpoint)
+        write_loss_logs(rows, out)
+        (out / PROGRESS_FILE).write_text(progress_file(rows, config.steps), encoding="utf-8")
+        plot_losses(losses, out / "loss.png", f"{preset.name} Llama, {parameters / 1e6:.1f}M parameters")
+        result = TrainResult(
+            output=output,
+            checkpoint=remote.join(output, CHECKPOINT_DIR),
+            preset=preset.name,
+            parameters=parameters,
+            steps=config.steps,
+            tokens=seen,
+            seconds=seconds,
+            losses=losses,
+            device=device,
+            precision=precision,
         )
-    seconds = time.perf_counter() - started
-
-    checkpoint = out / CHECKPOINT_DIR
-    save_checkpoint(model, tokens, tokenizer, checkpoint)
-    write_loss_logs(rows, out)
-    plot_losses(losses, out / "loss.png", f"{preset.name} Llama, {parameters / 1e6:.1f}M parameters")
-    result = TrainResult(
-        output=str(out),
-        checkpoint=str(checkpoint),
-        preset=preset.name,
-        parameters=parameters,
-        steps=config.steps,
-        tokens=seen,
-        seconds=seconds,
-        losses=losses,
-        device=device,
-        precision=precision,
-    )
-    summary = {k: v for k, v in asdict(result).items() if k != "losses"}
-    summary |= {"first_loss": result.first_loss, "final_loss": result.final_loss, "config": asdict(config)}
-    summary["tokens_source"] = tokens
-    (out / "train.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        summary = {k: v for k, v in asdict(result).items() if k != "losses"}
+        summary |= {
+            "first_loss": result.first_loss,
+            "final_loss": result.final_loss,
+            "config": asdict(config),
+        }
+        summary["tokens_source"] = tokens
+        summary["resumed_from_step"] = first_step
+        (out / "train.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        if remote.is_remote(output):
+            # The summary goes last: its presence says the training finished.
+            for name in (CHECKPOINT_DIR, "loss.jsonl", "loss.csv", "loss.png", PROGRESS_FILE):
+                source = out / name
+                if source.is_dir():
+                    remote.upload_folder(source, remote.join(output, name))
+                else:
+                    remote.upload_file(source, remote.join(output, name))
+            remote.upload_file(out / "train.json", remote.join(output, "train.json"))
     return result

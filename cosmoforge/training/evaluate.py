@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cosmoforge.training import TrainingError
+from cosmoforge.training import TrainingError, remote
 
 Prompt = tuple[str, list[str], int]
 
@@ -158,8 +158,8 @@ class EvalResult:
         }
 
     def to_markdown(self) -> str:
-        folder = Path(self.checkpoint)
-        name = folder.parent.name if folder.name == "checkpoint" else folder.name
+        parts = self.checkpoint.rstrip("/").rsplit("/", 2)
+        name = parts[-2] if parts[-1] == "checkpoint" and len(parts) > 1 else parts[-1]
         lines = [
             f"# Evaluation of `{name}`",
             "",
@@ -178,14 +178,17 @@ class EvalResult:
         return "\n".join(lines) + "\n"
 
 
-def resolve_checkpoint(path: str) -> Path:
-    """Accept the checkpoint folder itself or the training output folder that holds it."""
-    folder = Path(path)
-    if (folder / "checkpoint" / "config.json").is_file():
-        folder = folder / "checkpoint"
-    if not (folder / "config.json").is_file():
+def resolve_checkpoint(path: str) -> str:
+    """Accept the checkpoint folder itself or the training output folder that holds it (local
+    or any fsspec URI); return the checkpoint folder."""
+    folder = path.rstrip("/")
+    if remote.is_file(remote.join(folder, "checkpoint", "config.json")):
+        folder = remote.join(folder, "checkpoint")
+    if not remote.is_file(remote.join(folder, "config.json")):
         raise TrainingError(f"{path} is not a checkpoint: no config.json (train one with `cosmo train`)")
-    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+    if not any(
+        remote.is_file(remote.join(folder, name)) for name in ("tokenizer.json", "tokenizer_config.json")
+    ):
         raise TrainingError(f"checkpoint {path} has no tokenizer files")
     return folder
 
@@ -250,18 +253,63 @@ def evaluate(
     batch_size: int = 8,
     device: str = "cpu",
 ) -> EvalResult:
-    """Score `checkpoint` on `tasks`; write results.json and results.md into `output`."""
+    """Score `checkpoint` on `tasks`; write results.json and results.md into `output`.
+
+    Checkpoint, task data and output may each be a local folder or an fsspec URI: remote ones
+    are downloaded to (or uploaded from) a temporary folder, since lighteval reads local files.
+    """
     folder = resolve_checkpoint(checkpoint)
-    planned = plan_tasks(list(tasks or TASKS), data_dir)
     if max_samples is not None and max_samples < 1:
         raise TrainingError(f"max samples must be at least 1, got {max_samples}")
+    if data_dir is None or not remote.is_remote(data_dir):
+        plan_tasks(list(tasks or TASKS), data_dir)  # fail before any download
+    elif not remote.exists(data_dir):
+        raise TrainingError(f"task data folder {data_dir} does not exist")
+    with (
+        remote.local_copy(folder, prefix="cosmo-eval-model-", skip=("resume",)) as local_model,
+        remote.local_copy(data_dir or ".", prefix="cosmo-eval-data-") as local_data,
+        remote.staging(str(output), prefix="cosmo-eval-") as out,
+    ):
+        result = _evaluate_local(
+            local_model,
+            out,
+            tasks=tasks,
+            max_samples=max_samples,
+            data_dir=str(local_data) if data_dir is not None else None,
+            batch_size=batch_size,
+            device=device,
+        )
+        result.checkpoint = folder
+        if data_dir is not None and remote.is_remote(data_dir):
+            for score in result.scores:
+                score.source = remote.join(data_dir, score.task)
+        _write_results(result, out)
+        if remote.is_remote(str(output)):
+            for name in ("results.json", "results.md"):
+                remote.upload_file(out / name, remote.join(str(output), name))
+    return result
+
+
+def _write_results(result: EvalResult, out: Path) -> None:
+    (out / "results.json").write_text(json.dumps(result.to_json(), indent=2), encoding="utf-8")
+    (out / "results.md").write_text(result.to_markdown(), encoding="utf-8")
+
+
+def _evaluate_local(
+    folder: Path,
+    out: Path,
+    tasks: list[str] | None,
+    max_samples: int | None,
+    data_dir: str | None,
+    batch_size: int,
+    device: str,
+) -> EvalResult:
+    planned = plan_tasks(list(tasks or TASKS), data_dir)
 
     from lighteval.models.transformers.transformers_model import TransformersModel, TransformersModelConfig
     from lighteval.tasks.lighteval_task import LightevalTask
 
     started = time.perf_counter()
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
     docs_by_task: dict[str, tuple[BenchmarkTask, str, Any, list[Any]]] = {}
     for task, source in planned:
         lighteval_task = LightevalTask(_task_config(task, source, local=data_dir is not None))
@@ -311,6 +359,4 @@ def evaluate(
             TaskScore(task.name, shown, task.split, len(docs), sums["acc"] / count, sums["acc_norm"] / count)
         )
     result.seconds = time.perf_counter() - started
-    (out / "results.json").write_text(json.dumps(result.to_json(), indent=2), encoding="utf-8")
-    (out / "results.md").write_text(result.to_markdown(), encoding="utf-8")
     return result

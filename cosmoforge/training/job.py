@@ -1,7 +1,9 @@
-"""Render the Kubernetes objects that train a run's model with nanotron on GPUs.
+"""The pieces of the Kubernetes Job that trains a run's model with nanotron on GPU nodes.
 
-Pure functions: a run and a few cluster choices in, manifests (dicts) out; the operator adopts
-and applies them, tests validate them offline with kubernetes-validate.
+Pure functions: the spec's training section and a few cluster choices in, a shell script and
+manifest parts (dicts) out. The operator's stage rendering (`cosmoforge.operator.render.jobs`)
+wraps them in its own names, labels, image and locked-down container, and adopts and applies
+them like every other stage Job; tests validate them offline with kubernetes-validate.
 
 Why a plain `batch/v1` Job (Indexed completion mode) plus a headless Service, rather than a
 JobSet or a Kubeflow PyTorchJob:
@@ -13,171 +15,153 @@ JobSet or a Kubeflow PyTorchJob:
   (`<job>-0.<service>` is the rendezvous address), so multi-node training works;
 - its schema ships with Kubernetes, so the manifest is checked offline in strict mode.
 
-What it lacks is gang restart: when one node fails the Job fails (backoffLimit 0, on purpose,
-as a lone restarted rank cannot rejoin a running torchrun group) and the operator decides
-whether to start again. Where a cluster runs JobSet, the same pod template moves into a
-`replicatedJobs` entry unchanged.
-
-Data and results live in object storage; the pod only holds scratch space. The launcher reads
-token windows from `<run>/tokens` through fsspec, writes progress to
-`<run>/metrics/training.json` (step, loss, tokens/s; the operator's timer copies it into the
-run's status), and uploads checkpoints from a local emptyDir to `<run>/checkpoints` at the end.
+What it lacks is gang restart, and object storage stands in for it. Every pod starts by
+`prepare`: it renders the nanotron config from the run's `spec.yaml` and token metrics, and
+when the run's folder already holds a nanotron checkpoint (`checkpoints/nanotron/latest.txt`)
+it downloads that one and points `resume_checkpoint_path` at it. When one pod dies, the others'
+collectives fail, their pods fail too, and the Job (a few failures per node allowed) starts
+replacements with the same indexes, hostnames and ranks, which all resume from the same
+checkpoint. The launcher uploads each checkpoint as nanotron saves it (every
+`checkpointEvery` steps) and then moves `latest.txt`, so a replacement never resumes from
+half a checkpoint. After the last step the first node converts the final checkpoint to the
+transformers format (`cosmo convert-checkpoint`) beside it, where the evaluation stage reads.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import shlex
+from dataclasses import dataclass
 from typing import Any
 
-from cosmoforge.spec.model import GenerationRun
+from cosmoforge.spec.model import TrainingSpec
 from cosmoforge.training import TrainingError
-from cosmoforge.training.nanotron_config import CONFIG_FILE, DataPaths, render_config, to_yaml, world_size
+from cosmoforge.training.metrics import PROGRESS_FILE
+from cosmoforge.training.nanotron_config import CONFIG_FILE
 
-CONFIG_MOUNT = "/etc/cosmoforge"
-CHECKPOINT_MOUNT = "/checkpoints"
+SCRATCH = "/checkpoints"  # the pod's local disk: nanotron writes here, the launcher uploads
 MASTER_PORT = 29500
-COMPONENT = "trainer"
+NANOTRON = "nanotron"  # nanotron's own checkpoints, under the train stage's output folder
+# The trainer image names the interpreter that has nanotron (it cannot share cosmo's).
+NANOTRON_PYTHON = "${COSMO_NANOTRON_PYTHON:-python}"
 
 
 @dataclass(frozen=True)
-class ClusterOptions:
-    """Cluster-side choices the spec does not carry."""
+class GpuNodes:
+    """Cluster-side sizing of a training pod that the spec does not carry (per GPU, so a node of
+    8 GPUs asks for 32 CPUs and 256Gi)."""
 
-    image: str
-    gpus_per_node: int = 8
     gpu_resource: str = "nvidia.com/gpu"
-    cpu_per_node: str = "32"
-    memory_per_node: str = "256Gi"
+    cpu_per_gpu: int = 4
+    memory_per_gpu_gi: int = 32
     shm_size: str = "64Gi"
     scratch_size: str = "500Gi"
-    # Secret with object-storage credentials (AWS_ACCESS_KEY_ID, ...), loaded as environment.
-    storage_secret: str | None = None
-    # Secret with HF_TOKEN, for gated tokenizers on the Hub.
-    hub_secret: str | None = None
-    service_account: str | None = None
-    node_selector: dict[str, str] = field(default_factory=dict)
-    active_deadline_seconds: int | None = None
+    # Pod failures allowed per node before the Job (and the stage) fails.
+    restarts_per_node: int = 3
 
 
 @dataclass(frozen=True)
-class RunPaths:
+class Layout:
+    nodes: int
+    gpus_per_node: int
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class TrainingPaths:
+    """Where the Job reads and writes, as fsspec URIs (see cosmoforge.storage)."""
+
+    root: str  # <output.uri>/<run>
     tokens: str
-    checkpoints: str
-    metrics: str
+    output: str  # the train stage's output folder: what evaluation reads
+    nanotron: str
+    metrics: str  # the progress file, the same the CPU trainer writes
 
 
-def run_paths(run: GenerationRun) -> RunPaths:
-    """The storage layout's training folders for this run (see cosmoforge.storage)."""
-    root = f"{run.spec.output.uri.rstrip('/')}/{run.name}"
-    return RunPaths(f"{root}/tokens", f"{root}/checkpoints", f"{root}/metrics/training.json")
+def training_paths(root: str, tokens: str = "tokens", output: str = "checkpoints") -> TrainingPaths:
+    """The layout under the run's root; `tokens` and `output` are the stage chain's folders."""
+    root = root.rstrip("/")
+    out = f"{root}/{output}"
+    return TrainingPaths(root, f"{root}/{tokens}", out, f"{out}/{NANOTRON}", f"{out}/{PROGRESS_FILE}")
 
 
-def _name(run_name: str, suffix: str) -> str:
-    # Pod hostnames of an Indexed Job are "<job>-<index>" and must stay within 63 characters.
-    return f"{run_name[: 63 - len(suffix) - 6].rstrip('-')}-{suffix}"
+def uses_nanotron(training: TrainingSpec) -> bool:
+    """`tiny` trains on the CPU trainer inside a plain stage Job; every other preset on GPUs."""
+    return training.preset != "tiny"
 
 
-def job_name(run_name: str) -> str:
-    return _name(run_name, "train")
-
-
-def service_name(run_name: str) -> str:
-    return _name(run_name, "train-nodes")
-
-
-def config_map_name(run_name: str) -> str:
-    return _name(run_name, "train-config")
-
-
-def labels(run_name: str) -> dict[str, str]:
-    return {
-        "app.kubernetes.io/name": "cosmoforge",
-        "app.kubernetes.io/component": COMPONENT,
-        "cosmoforge.io/run": run_name,
-    }
-
-
-def node_layout(gpus: int, gpus_per_node: int) -> tuple[int, int]:
-    """(nodes, processes per node) for a world of `gpus` ranks."""
+def node_layout(gpus: int, gpus_per_node: int) -> Layout:
+    """Nodes and processes per node for a world of `gpus` ranks."""
     if gpus_per_node < 1:
         raise TrainingError(f"gpus per node must be at least 1, got {gpus_per_node}")
     if gpus <= gpus_per_node:
-        return 1, gpus
+        return Layout(1, gpus)
     if gpus % gpus_per_node:
         raise TrainingError(
             f"dp*tp*pp = {gpus} GPUs do not fill whole nodes of {gpus_per_node}: change parallelism"
         )
-    return gpus // gpus_per_node, gpus_per_node
+    return Layout(gpus // gpus_per_node, gpus_per_node)
 
 
-def nanotron_config(
-    run: GenerationRun, vocab_size: int | None = None, eos_token_id: int = 0
-) -> dict[str, Any]:
-    if run.spec.training is None:
-        raise TrainingError(f"run {run.name} has no training section")
-    paths = run_paths(run)
-    return render_config(
-        run.spec.training,
-        run_name=run.name,
-        paths=DataPaths(paths.tokens, paths.checkpoints, paths.metrics, local_checkpoints=CHECKPOINT_MOUNT),
-        vocab_size=vocab_size,
-        eos_token_id=eos_token_id,
-    )
+def layout(training: TrainingSpec) -> Layout:
+    par = training.parallelism
+    return node_layout(par.dp * par.tp * par.pp, par.gpus_per_node)
 
 
-def training_config_map(
-    run: GenerationRun, config: dict[str, Any], namespace: str | None = None
-) -> dict[str, Any]:
-    metadata: dict[str, Any] = {"name": config_map_name(run.name), "labels": labels(run.name)}
-    if namespace:
-        metadata["namespace"] = namespace
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": metadata,
-        "data": {CONFIG_FILE: to_yaml(config)},
-    }
-
-
-def training_service(run: GenerationRun, namespace: str | None = None) -> dict[str, Any]:
-    """Headless Service giving each trainer pod a DNS name, for torchrun's rendezvous."""
-    metadata: dict[str, Any] = {"name": service_name(run.name), "labels": labels(run.name)}
-    if namespace:
-        metadata["namespace"] = namespace
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": metadata,
-        "spec": {
-            "clusterIP": "None",
-            # Ranks must find each other before any of them is Ready.
-            "publishNotReadyAddresses": True,
-            "selector": {"job-name": job_name(run.name)},
-            "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}],
-        },
-    }
-
-
-def _torchrun_args(run: GenerationRun, nodes: int, per_node: int) -> list[str]:
-    launch = ["-m", "cosmoforge.training.nanotron_launch", "--config-file", f"{CONFIG_MOUNT}/{CONFIG_FILE}"]
-    if nodes == 1:
-        return ["--standalone", "--nnodes=1", f"--nproc_per_node={per_node}", *launch]
+def torchrun_args(nodes: Layout, master: str) -> list[str]:
+    """torchrun's options: standalone on one node, else a static rendezvous at index 0's pod."""
+    if nodes.nodes == 1:
+        return ["--standalone", "--nnodes=1", f"--nproc_per_node={nodes.gpus_per_node}"]
     return [
-        f"--nnodes={nodes}",
-        f"--nproc_per_node={per_node}",
-        "--node_rank=$(NODE_RANK)",
-        f"--master_addr={job_name(run.name)}-0.{service_name(run.name)}",
+        f"--nnodes={nodes.nodes}",
+        f"--nproc_per_node={nodes.gpus_per_node}",
+        '--node_rank="$NODE_RANK"',
+        f"--master_addr={master}",
         f"--master_port={MASTER_PORT}",
-        *launch,
     ]
 
 
-def training_job(
-    run: GenerationRun, options: ClusterOptions, config: dict[str, Any], namespace: str | None = None
-) -> dict[str, Any]:
-    """The Job running torchrun + nanotron over `dp*tp*pp` GPUs, one pod per node."""
-    nodes, per_node = node_layout(world_size(config), options.gpus_per_node)
-    env: list[dict[str, Any]] = [
+def launch_script(paths: TrainingPaths, nodes: Layout, master: str) -> str:
+    """What each training pod runs: prepare (config, resume), torchrun + nanotron, then, on the
+    first node only, the conversion for evaluation."""
+    quote = shlex.quote
+    config = f"{SCRATCH}/{CONFIG_FILE}"
+    prepare = ["python", "-m", "cosmoforge.training.nanotron_launch", "prepare"]
+    prepare += [
+        "--root",
+        quote(paths.root),
+        "--tokens",
+        quote(paths.tokens),
+        "--checkpoints",
+        quote(paths.nanotron),
+    ]
+    prepare += ["--metrics", quote(paths.metrics), "--scratch", SCRATCH]
+    train = [NANOTRON_PYTHON, "-m", "torch.distributed.run", *torchrun_args(nodes, master)]
+    train += ["-m", "cosmoforge.training.nanotron_launch", "train", "--config-file", config]
+    convert = ["cosmo", "convert-checkpoint", quote(paths.nanotron), "--out", quote(paths.output)]
+    convert += ["--tokens", quote(paths.tokens)]
+    return "\n".join(
+        [
+            "set -eu",
+            " ".join(prepare),
+            " ".join(train),
+            # Every node's torchrun returns only after the last checkpoint is uploaded.
+            f'if [ "$NODE_RANK" = 0 ]; then {" ".join(convert)}; fi',
+        ]
+    )
+
+
+def gpu_resources(nodes: Layout, sizing: GpuNodes) -> dict[str, Any]:
+    gpus = {sizing.gpu_resource: str(nodes.gpus_per_node)}
+    cpu = str(sizing.cpu_per_gpu * nodes.gpus_per_node)
+    memory = f"{sizing.memory_per_gpu_gi * nodes.gpus_per_node}Gi"
+    return {"requests": {"cpu": cpu, "memory": memory, **gpus}, "limits": {"memory": memory, **gpus}}
+
+
+def node_rank_env() -> list[dict[str, Any]]:
+    return [
         {
             "name": "NODE_RANK",
             "valueFrom": {
@@ -187,76 +171,57 @@ def training_job(
         # nanotron overlaps tensor-parallel communication with compute only with one queue.
         {"name": "CUDA_DEVICE_MAX_CONNECTIONS", "value": "1"},
         {"name": "OMP_NUM_THREADS", "value": "1"},
-        {"name": "HF_HOME", "value": f"{CHECKPOINT_MOUNT}/.hf"},
+        # A collective whose peer died fails instead of hanging, so the pod fails and is replaced.
+        {"name": "TORCH_NCCL_ASYNC_ERROR_HANDLING", "value": "1"},
     ]
-    env_from = [
-        {"secretRef": {"name": secret, "optional": False}}
-        for secret in (options.storage_secret, options.hub_secret)
-        if secret
+
+
+def training_volumes(sizing: GpuNodes) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(pod volumes, container mounts) beyond the common ones."""
+    volumes = [
+        # NCCL and the dataloader workers exchange tensors through shared memory.
+        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": sizing.shm_size}},
+        {"name": "scratch", "emptyDir": {"sizeLimit": sizing.scratch_size}},
     ]
-    gpus = {options.gpu_resource: str(per_node)}
-    container: dict[str, Any] = {
-        "name": COMPONENT,
-        "image": options.image,
-        "command": ["torchrun"],
-        "args": _torchrun_args(run, nodes, per_node),
-        "env": env,
-        "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT}],
-        "resources": {
-            "requests": {"cpu": options.cpu_per_node, "memory": options.memory_per_node, **gpus},
-            "limits": {"memory": options.memory_per_node, **gpus},
-        },
-        "volumeMounts": [
-            {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
-            {"name": "shm", "mountPath": "/dev/shm"},
-            {"name": "scratch", "mountPath": CHECKPOINT_MOUNT},
-        ],
-    }
-    if env_from:
-        container["envFrom"] = env_from
-    pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "subdomain": service_name(run.name),
-        "containers": [container],
-        "volumes": [
-            {"name": "config", "configMap": {"name": config_map_name(run.name)}},
-            # NCCL and the dataloader workers exchange tensors through shared memory.
-            {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": options.shm_size}},
-            {"name": "scratch", "emptyDir": {"sizeLimit": options.scratch_size}},
-        ],
-        "tolerations": [{"key": options.gpu_resource, "operator": "Exists", "effect": "NoSchedule"}],
-    }
-    if options.service_account:
-        pod_spec["serviceAccountName"] = options.service_account
-    if options.node_selector:
-        pod_spec["nodeSelector"] = dict(options.node_selector)
-    metadata: dict[str, Any] = {"name": job_name(run.name), "labels": labels(run.name)}
-    if namespace:
-        metadata["namespace"] = namespace
-    spec: dict[str, Any] = {
+    mounts = [{"name": "shm", "mountPath": "/dev/shm"}, {"name": "scratch", "mountPath": SCRATCH}]
+    return volumes, mounts
+
+
+def job_spec(nodes: Layout, template: dict[str, Any], container: str, sizing: GpuNodes) -> dict[str, Any]:
+    """The Indexed Job around a training pod template: one pod per node, ranks by index."""
+    return {
         "completionMode": "Indexed",
-        "completions": nodes,
-        "parallelism": nodes,
-        "backoffLimit": 0,
-        "template": {"metadata": {"labels": labels(run.name)}, "spec": pod_spec},
+        "completions": nodes.nodes,
+        "parallelism": nodes.nodes,
+        "backoffLimit": sizing.restarts_per_node * nodes.nodes,
+        # A replacement starts once the pod it replaces is gone, so its hostname is free.
+        "podReplacementPolicy": "Failed",
+        "podFailurePolicy": {
+            "rules": [
+                # Bad settings (exit 2 from prepare) fail the same way on every node and try.
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {"containerName": container, "operator": "In", "values": [2]},
+                },
+                # A preempted or evicted node is not the training's fault: not counted.
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            ]
+        },
+        "template": template,
     }
-    if options.active_deadline_seconds:
-        spec["activeDeadlineSeconds"] = options.active_deadline_seconds
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": spec}
 
 
-def training_manifests(
-    run: GenerationRun,
-    options: ClusterOptions,
-    namespace: str | None = None,
-    vocab_size: int | None = None,
-    eos_token_id: int = 0,
-) -> list[dict[str, Any]]:
-    """ConfigMap (nanotron YAML), headless Service (multi-node only) and Job, in apply order."""
-    config = nanotron_config(run, vocab_size=vocab_size, eos_token_id=eos_token_id)
-    nodes, _ = node_layout(world_size(config), options.gpus_per_node)
-    manifests = [training_config_map(run, config, namespace)]
-    if nodes > 1:
-        manifests.append(training_service(run, namespace))
-    manifests.append(training_job(run, options, config, namespace))
-    return manifests
+def headless_service(metadata: dict[str, Any], selector: dict[str, str]) -> dict[str, Any]:
+    """Gives each trainer pod a DNS name (`<job>-<index>.<service>`) for torchrun's rendezvous."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata,
+        "spec": {
+            "clusterIP": "None",
+            # Ranks must find each other before any of them is Ready.
+            "publishNotReadyAddresses": True,
+            "selector": dict(selector),
+            "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT}],
+        },
+    }

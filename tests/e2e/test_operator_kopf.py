@@ -224,6 +224,61 @@ def test_stages_run_in_order_and_delete_removes_every_child(
     assert runner.exception is None
 
 
+def test_web_seeds_are_clustered_before_generation_starts(
+    cluster: KubeApi, operator: Callable[[], KopfRunner]
+) -> None:
+    document = gpu_spec("topical")
+    document["spec"]["seeds"] = [
+        {"name": "web", "kind": "web", "uri": "s3://corpora/web.parquet", "idField": "url"},
+        {"name": "tagged", "kind": "web", "uri": "s3://corpora/tagged.parquet", "topicField": "topic"},
+    ]
+    document["spec"]["clustering"] = {"clusters": 20, "gpu": True}
+    with operator() as runner:
+        cluster.create(runs_path(NS), document)
+        job = wait_for("clustering job", lambda: cluster.get(jobs_path(NS, "topical-cluster-0")))
+        wait_for("Clustering", lambda: status(cluster, "topical").get("phase") == "Clustering")
+        # Only the source without topics is clustered, labelled by the run's own server.
+        assert cluster.get(jobs_path(NS, "topical-cluster-1")) is None
+        (container,) = job["spec"]["template"]["spec"]["containers"]
+        args = container["args"]
+        assert args[:4] == [
+            "cluster",
+            "s3://corpora/web.parquet",
+            "--out",
+            f"{OUTPUT_BASE}/cosmoforge-runs/topical/topics/web",
+        ]
+        assert args[args.index("--endpoint") + 1] == "http://topical-inference:8080"
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert replicas(cluster, "topical-inference") == 1  # up for the labeller
+        time.sleep(1.5)
+        assert cluster.get(deployments_path(NS, "topical-generator")) is None  # no prompts yet
+
+        cluster.patch(jobs_path(NS, "topical-cluster-0"), {"status": {"succeeded": 1}})
+        wait_for("Clustered", lambda: condition(cluster, "topical", "Clustered").get("status") == "True")
+        wait_for("generator", lambda: cluster.get(deployments_path(NS, "topical-generator")))
+        wait_for("Generating", lambda: status(cluster, "topical").get("phase") == "Generating")
+        outputs = status(cluster, "topical")["outputs"]
+        assert outputs["topics-web"] == f"{OUTPUT_BASE}/cosmoforge-runs/topical/topics/web"
+    assert runner.exception is None
+
+
+def test_a_failed_clustering_job_fails_the_run_before_any_prompt(
+    cluster: KubeApi, operator: Callable[[], KopfRunner]
+) -> None:
+    document = gpu_spec("untopical")
+    document["spec"]["seeds"] = [{"name": "web", "kind": "web", "uri": "s3://corpora/web.parquet"}]
+    document["spec"]["clustering"] = {"clusters": 20}
+    with operator() as runner:
+        cluster.create(runs_path(NS), document)
+        wait_for("clustering job", lambda: cluster.get(jobs_path(NS, "untopical-cluster-0")))
+        cluster.patch(jobs_path(NS, "untopical-cluster-0"), {"status": {"failed": 3}})
+        wait_for("Failed", lambda: status(cluster, "untopical").get("phase") == "Failed")
+        assert "clustering web failed" in condition(cluster, "untopical", "Failed")["message"]
+        wait_for("servers released", lambda: replicas(cluster, "untopical-inference") == 0)
+        assert cluster.get(deployments_path(NS, "untopical-generator")) is None
+    assert runner.exception is None
+
+
 def _generated(api: KubeApi, url: str, run: str) -> None:
     """Drive a run's generation to its end: two prompts queued and taken."""
     wait_for("stream", lambda: condition(api, run, "QueueReachable").get("status") == "True")

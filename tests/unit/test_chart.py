@@ -98,6 +98,10 @@ def of_kind(documents: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [d for d in documents if d["kind"] == kind]
 
 
+def operator_config(documents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in of_kind(documents, "ConfigMap") if d["metadata"]["name"].endswith("-operator")]
+
+
 def pods(documents: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [d["spec"]["template"]["spec"] for d in documents if d["kind"] in ("Deployment", "StatefulSet")]
 
@@ -167,7 +171,7 @@ def test_plain_rbac_manifest_matches_the_operator() -> None:
 
 def test_operator_settings_point_at_the_chart_services() -> None:
     documents = render({"storage": {"uri": "s3://data/cf", "credentials": {"secretName": "s3"}}})
-    (config,) = of_kind(documents, "ConfigMap")
+    (config,) = operator_config(documents)
     platform = Platform.from_env(config["data"])
     services = {s["metadata"]["name"]: s for s in of_kind(documents, "Service")}
     nats_host = platform.nats_url.removeprefix("nats://").split(":")[0]
@@ -188,14 +192,14 @@ def test_operator_settings_point_at_the_chart_services() -> None:
 
 
 def test_values_name_an_image_per_role_and_the_operator_gets_each() -> None:
-    defaults = of_kind(render({}), "ConfigMap")[0]["data"]
+    defaults = operator_config(render({}))[0]["data"]
     assert {role: Platform.from_env(defaults).image_for(role) for role in Role} == {
         Role.runtime: "cosmoforge:0.1.0",
         Role.postprocess: "cosmoforge-postprocess:0.1.0",
         Role.trainer: "cosmoforge-trainer:0.1.0",
     }
     mirror = render(values_of(CHART / "ci" / "cluster-wide-keda-values.yaml"))
-    platform = Platform.from_env(of_kind(mirror, "ConfigMap")[0]["data"])
+    platform = Platform.from_env(operator_config(mirror)[0]["data"])
     assert platform.image_for(Role.postprocess) == "registry.example.com/mirror/cosmoforge-postprocess:0.1.0"
     assert platform.image_for(Role.trainer) == "registry.example.com/mirror/cosmoforge-trainer:0.1.0"
     # The chart's own pods run the runtime image, the one the operator gives generators.
@@ -378,7 +382,15 @@ def test_monitoring_scrapes_dispatcher_and_generators_and_ships_the_dashboard() 
                 "dashboard" in d["metadata"]["name"]]  # fmt: skip
     assert of_kind(plain, "PodMonitor") == []
     teams = render(values_of(CHART / "ci" / "namespaces-monitoring-values.yaml"))
-    (monitor,) = of_kind(teams, "PodMonitor")
+    monitor, operator_monitor = of_kind(teams, "PodMonitor")
+    # The operator serves each run's ETA, spend and estimate on the port its monitor scrapes.
+    (deployment,) = [d for d in of_kind(teams, "Deployment") if d["metadata"]["name"].endswith("operator")]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    port = next(p for p in container["ports"] if p["name"] == "metrics")["containerPort"]
+    assert f"--metrics-port={port}" in container["args"]
+    assert operator_monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert operator_monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
     assert monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "generator"
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
@@ -405,3 +417,120 @@ def test_generators_serve_metrics_on_the_port_the_pod_monitor_scrapes() -> None:
     assert {"name": "metrics", "containerPort": METRICS_PORT} in container["ports"]
     assert container["args"][container["args"].index("--metrics-port") + 1] == str(METRICS_PORT)
     assert deployment["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "generator"
+
+
+# --- the control plane on a shared cluster (issue 18) -------------------------------------------
+
+
+def _named(documents: list[dict[str, Any]], kind: str, suffix: str) -> dict[str, Any]:
+    (found,) = [d for d in of_kind(documents, kind) if d["metadata"]["name"].endswith(suffix)]
+    return found
+
+
+def _container(documents: list[dict[str, Any]], kind: str, suffix: str) -> dict[str, Any]:
+    container: dict[str, Any] = _named(documents, kind, suffix)["spec"]["template"]["spec"]["containers"][0]
+    return container
+
+
+def _env(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def test_the_dispatcher_wants_the_token_from_a_secret_and_never_overlaps() -> None:
+    documents = render({})
+    secret = _named(documents, "Secret", "-token")
+    assert len(secret["data"]["token"]) >= 48  # base64 of 48 random characters
+    reference = {"secretKeyRef": {"name": secret["metadata"]["name"], "key": "token"}}
+    dispatcher = _named(documents, "Deployment", "-dispatcher")
+    assert dispatcher["spec"]["strategy"] == {"type": "Recreate"}
+    server = _container(documents, "Deployment", "-dispatcher")
+    assert _env(server)["COSMOFORGE_TOKEN"] == reference
+    assert "--host=0.0.0.0" in server["args"]
+    assert _env(_container(documents, "Deployment", "-operator"))["COSMOFORGE_TOKEN"] == reference
+
+    given = render({"auth": {"existingSecret": "team-token", "tokenKey": "bearer"}})
+    assert not [s for s in of_kind(given, "Secret") if s["metadata"]["name"].endswith("-token")]
+    for suffix in ("-dispatcher", "-operator"):
+        env = _env(_container(given, "Deployment", suffix))
+        assert env["COSMOFORGE_TOKEN"] == {"secretKeyRef": {"name": "team-token", "key": "bearer"}}
+
+
+def test_nats_credentials_live_in_a_secret_only() -> None:
+    import base64
+
+    documents = render({})
+    secret = _named(documents, "Secret", "-nats-auth")
+    password = base64.b64decode(secret["data"]["COSMO_NATS_PASSWORD"]).decode()
+    assert len(password) >= 32
+    name = secret["metadata"]["name"]
+    (nats,) = of_kind(documents, "StatefulSet")
+    (server,) = nats["spec"]["template"]["spec"]["containers"]
+    assert {"secretRef": {"name": name}} in server["envFrom"]
+    assert "--config=/etc/nats/nats.conf" in server["args"]
+    conf = _named(documents, "ConfigMap", "-nats-config")["data"]["nats.conf"]
+    assert "$COSMO_NATS_PASSWORD" in conf and "$COSMO_NATS_USER" in conf
+    assert operator_config(documents)[0]["data"]["COSMO_NATS_SECRET"] == name
+    for suffix in ("-dispatcher", "-operator"):
+        assert {"secretRef": {"name": name}} in _container(documents, "Deployment", suffix)["envFrom"]
+    # The password is in its Secret and nowhere else: no ConfigMap, argument or URL holds it.
+    elsewhere = [d for d in documents if d is not secret]
+    assert password not in yaml.safe_dump_all(elsewhere)
+
+    external = render(values_of(CHART / "ci" / "external-nats-values.yaml"))
+    assert not [s for s in of_kind(external, "Secret") if "nats" in s["metadata"]["name"]]
+    assert operator_config(external)[0]["data"]["COSMO_NATS_SECRET"] == "nats-client"
+    with pytest.raises(Exception, match="existingSecret"):
+        render({"nats": {"bundled": {"enabled": False}, "url": "nats://nats.messaging:4222"}})
+    plain = render({"nats": {"auth": {"enabled": False}}})
+    assert not of_kind(plain, "StatefulSet")[0]["spec"]["template"]["spec"]["containers"][0].get("envFrom")
+    assert operator_config(plain)[0]["data"]["COSMO_NATS_SECRET"] == ""
+
+
+def test_a_nats_url_with_credentials_is_refused() -> None:
+    values = {"nats": {"bundled": {"enabled": False}, "url": "nats://user:hunter2@nats:4222"}}
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmValuesError) as caught:
+        chart.validate_schema(chart.merge_values(values))
+    assert "/nats/url" in str(caught.value)
+    with pytest.raises(ValueError, match="credentials") as refused:
+        Platform(nats_url="nats://user:hunter2@nats:4222")
+    assert "hunter2" not in str(refused.value)
+
+
+def _peers_of(policy: dict[str, Any], port: str | int) -> list[dict[str, Any]]:
+    rules = [r for r in policy["spec"]["ingress"] if [p["port"] for p in r["ports"]] == [port]]
+    return [peer for rule in rules for peer in rule["from"]]
+
+
+def test_network_policies_admit_only_cosmoforge_and_the_scrapers() -> None:
+    monitoring = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "prom"}}}]
+    documents = render(values_of(CHART / "ci" / "namespaces-monitoring-values.yaml") | {
+        "networkPolicy": {"metricsFrom": monitoring}
+    })  # fmt: skip
+    policies = of_kind(documents, "NetworkPolicy")
+    for policy in policies:
+        kubernetes_validate.validate(policy, K8S_VERSION, strict=True)
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+    nats = _named(documents, "NetworkPolicy", "-nats")
+    (own,) = _peers_of(nats, "client")
+    assert own["podSelector"]["matchExpressions"][0]["values"][0] == "cosmoforge"
+    namespaces = own["namespaceSelector"]["matchExpressions"][0]["values"]
+    assert sorted(namespaces) == sorted([NAMESPACE, "team-a", "team-b"])
+    assert monitoring[0] in _peers_of(nats, "monitor")
+    dispatcher = _named(documents, "NetworkPolicy", "-dispatcher")
+    assert _peers_of(dispatcher, "grpc") == [own]
+    assert _peers_of(dispatcher, "metrics") == monitoring
+    runs = [p for p in policies if p["metadata"]["name"].endswith("-runs")]
+    assert sorted(p["metadata"]["namespace"] for p in runs) == ["team-a", "team-b"]
+    for policy in runs:
+        managed = {"app.kubernetes.io/managed-by": "cosmoforge-operator"}
+        assert policy["spec"]["podSelector"]["matchLabels"] == managed
+        (generators,) = _peers_of(policy, 8080)
+        assert generators["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "generator"
+        assert "namespaceSelector" not in generators  # the run's own namespace only
+        assert _peers_of(policy, 9100) == monitoring
+
+    wide = render(values_of(CHART / "ci" / "cluster-wide-keda-values.yaml"))
+    (own,) = _peers_of(_named(wide, "NetworkPolicy", "-nats"), "client")
+    assert own["namespaceSelector"] == {}
+    assert not [p for p in of_kind(wide, "NetworkPolicy") if p["metadata"]["name"].endswith("-runs")]
+    assert not of_kind(render({"networkPolicy": {"enabled": False}}), "NetworkPolicy")

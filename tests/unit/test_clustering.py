@@ -67,6 +67,7 @@ from cosmoforge.clustering.pipeline import (
     read_topics,
     run_clustering,
 )
+from cosmoforge.prompts.seeds import record_hash
 
 CORPUS = Path(__file__).parents[1] / "data" / "clustering" / "subjects.jsonl"
 SUBJECTS = ("astronomy", "baking", "football", "medicine")
@@ -397,7 +398,9 @@ def test_fewer_documents_than_clusters_lowers_k(tmp_path: Path, embedder: Any) -
         )
     assert summary.clusters == 4
     table = assignments(tmp_path / "out")
-    assert table.column_names[0] == "row" and table["row"].to_pylist() == ["0", "1", "2", "3"]
+    # Without an id column a document's id is the hash of its record (cosmoforge.prompts.seeds).
+    ids = [record_hash({"text": row["text"]}) for row in corpus_rows()[::10]]
+    assert table.column_names[0] == "row" and table["row"].to_pylist() == ids
     assert sorted(table["cluster_id"].to_pylist()) == [0, 1, 2, 3]
 
 
@@ -623,8 +626,11 @@ def test_labelled_run_records_a_label_or_a_failure_per_cluster(
             assert (row["kept"], row["reason"]) == keep_decision(result, 5, config.exclude_topics)
     labels = {row["cluster_id"]: row["label"] for row in topics if row["kept"]}
     mapping = document_topics(str(tmp_path / "out"))
-    assert set(mapping.values()) <= set(labels.values())
-    assert len(mapping) == sum(row["size"] for row in topics if row["kept"])
+    named = {doc: label for doc, label in mapping.items() if label is not None}
+    assert set(named.values()) <= set(labels.values())
+    assert len(named) == sum(row["size"] for row in topics if row["kept"])
+    # Documents of the dropped clusters are there too, marked None: they seed no prompt.
+    assert len(mapping) - len(named) == sum(row["size"] for row in topics if not row["kept"])
     assert summary.label_output == "json_schema"  # asked for; this server ignored it
 
 
@@ -811,3 +817,22 @@ def test_a_ragged_sample_is_a_clear_error() -> None:
 
     with pytest.raises(ClusteringInputError, match="not a numeric matrix"):
         fit_topic_centroids([[1.0, 0.0], [1.0]], 1, seed=0)  # type: ignore[arg-type]
+
+
+def test_documents_of_dropped_clusters_seed_no_prompt_unless_kept() -> None:
+    from cosmoforge.prompts.builder import with_topics
+    from cosmoforge.prompts.seeds import SeedRecord
+
+    records = [SeedRecord("web", "web", doc, f"text {doc}") for doc in ("a", "b", "c", "d")]
+    records[3] = SeedRecord("web", "web", "d", "text d", topic="its own")
+    topics = {"a": "Astronomy", "b": None, "d": None}  # b and d in dropped clusters; c unassigned
+
+    kept = list(with_topics(iter(records), topics))
+    assert [(r.id, r.topic) for r in kept] == [("a", "Astronomy"), ("c", None), ("d", "its own")]
+    every = list(with_topics(iter(records), topics, keep_dropped=True))
+    assert [(r.id, r.topic) for r in every] == [
+        ("a", "Astronomy"),
+        ("b", None),
+        ("c", None),
+        ("d", "its own"),
+    ]

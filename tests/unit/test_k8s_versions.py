@@ -34,7 +34,6 @@ from referencing import Registry, Resource
 from conftest import EXAMPLES, REPO, small_run
 from cosmoforge.operator.render import Platform, render_all
 from cosmoforge.spec.model import load_run, parse_run
-from cosmoforge.training.job import ClusterOptions, training_manifests
 
 CHART = REPO / "charts" / "cosmoforge"
 SCHEMAS = resources.files("kubernetes_validate") / "kubernetes-json-schema"
@@ -113,12 +112,18 @@ def operator_children() -> tuple[dict[str, Any], ...]:
         document["spec"]["postprocess"] = {"decontaminate": {"benchmarks": ["mmlu"], "workers": 3}}
         document["spec"]["training"] = {"preset": "tiny", "evalTasks": ["arc_easy"]}
         documents += render_all(parse_run(document), PLATFORM)
-    # The nanotron training Job (Indexed completion mode) with its ConfigMap and Service.
+    # Clustering Jobs before generation, one on a GPU node of the spec's.
+    document = small_run("topical")
+    document["metadata"]["namespace"] = "gen"
+    document["spec"]["seeds"] = [{"name": "web", "kind": "web", "uri": "s3://corpora/web.parquet"}]
+    document["spec"]["clustering"] = {"gpu": True}
+    document["spec"]["generation"]["serving"] = {"tolerations": [{"key": "gpu", "operator": "Exists"}]}
+    documents += render_all(parse_run(document), PLATFORM)
+    # The nanotron training Job (Indexed completion mode) on two nodes, with its headless Service.
     document = small_run("nanotron")
     document["metadata"]["namespace"] = "gen"
-    document["spec"]["training"] = {"preset": "1b", "evalTasks": ["arc_easy"]}
-    options = ClusterOptions(image="trainer:1", storage_secret="s3")
-    documents += training_manifests(parse_run(document), options, namespace="gen")
+    document["spec"]["training"] = {"preset": "1b", "evalTasks": ["arc_easy"], "parallelism": {"dp": 16}}
+    documents += render_all(parse_run(document), PLATFORM)
     return tuple(own_kinds(documents))
 
 
@@ -149,7 +154,7 @@ def test_the_representative_runs_render_every_kind_of_child() -> None:
     kinds = {(d["kind"], d["metadata"]["name"].rsplit("-", 1)[-1]) for d in children}
     assert {("Deployment", "inference"), ("Service", "inference"), ("Deployment", "generator")} <= kinds
     names = {d["metadata"]["name"] for d in children}
-    assert {"tgi-decontaminate-workers", "tgi-train", "tgi-evaluate"} <= names
+    assert {"tgi-decontaminate-workers", "tgi-train", "tgi-evaluate", "topical-cluster-0"} <= names
     assert any(d["kind"] == "Job" and "parallelism" in d["spec"] for d in children)  # a work queue
     assert any(d["kind"] == "Job" and d["spec"].get("completionMode") == "Indexed" for d in children)
     chart = {d["kind"] for d in chart_manifests()}

@@ -148,6 +148,10 @@ def test_job_states() -> None:
     assert job_state({"status": {"succeeded": 1}}) == JobState.succeeded
     assert job_state({"spec": {"backoffLimit": 2}, "status": {"failed": 3}}) == JobState.failed
     assert job_state({"status": {"conditions": [{"type": "Failed", "status": "True"}]}}) == JobState.failed
+    # An Indexed Job across 4 nodes: 3 nodes done is not the Job done.
+    indexed = {"completionMode": "Indexed", "completions": 4}
+    assert job_state({"spec": indexed, "status": {"succeeded": 3}}) == JobState.running
+    assert job_state({"spec": indexed, "status": {"succeeded": 4}}) == JobState.succeeded
 
 
 def test_counts_from_queue_and_dispatcher() -> None:
@@ -160,10 +164,11 @@ def test_counts_from_queue_and_dispatcher() -> None:
         "prompts": 10,
         "generated": 4,
         "failed": 1,
+        "tokens": 2000,
         "tokens_per_second": 12.5,
     }
     counts = counts_from(QueueState(waiting=0, in_flight=0, stored=0, published=10), status)
-    assert not counts.done and counts == Counts(10, 4, 1, 12.5, False)
+    assert not counts.done and counts == Counts(10, 4, 1, 2000, 12.5, False)
     assert progress_text(counts) == "5/10 (50%)"
     assert counts_from(None, {**status, "phase": "PHASE_SUCCEEDED"}).done
     failed = counts_from(None, {"phase": 4, "message": "seed file missing"})

@@ -204,3 +204,108 @@ def test_web_prompts_carry_the_topic_of_their_cluster(tmp_path: Path) -> None:
             }
         else:
             assert 10 <= len(conditioned) <= 30
+
+
+def _web_run(uri: str, **seed: object) -> object:
+    document = small_run("identity")
+    document["spec"]["seeds"] = [{"name": "web", "kind": "web", "uri": uri, **seed}]
+    document["spec"]["prompts"].update(variantsPerSeed=3)
+    return document
+
+
+@pytest.mark.parametrize("id_field", [None, "url"])
+def test_changing_one_seed_row_changes_only_that_records_prompt_ids(
+    tmp_path: Path, id_field: str | None
+) -> None:
+    rows = [{"url": f"u{i}", "text": f"extract {i} about things", "topic": f"t{i % 3}"} for i in range(30)]
+    seed = {"topicField": "topic"} | ({"idField": id_field} if id_field else {})
+    before = list(build_prompts(parse_run(_web_run(_jsonl(tmp_path / "a.jsonl", rows), **seed))))
+    rows[7]["text"] = "extract 7 about other things"
+    after = list(build_prompts(parse_run(_web_run(_jsonl(tmp_path / "b.jsonl", rows), **seed))))
+    assert len(before) == len(after) == 90
+    changed = [(b, a) for b, a in zip(before, after, strict=True) if b.prompt_id != a.prompt_id]
+    assert len(changed) == 3
+    assert all("extract 7 about" in b.prompt and "extract 7 about other" in a.prompt for b, a in changed)
+    assert {a.seed_id for _, a in changed} == ({"u7"} if id_field else {a.seed_id for _, a in changed})
+    unchanged = {p.prompt_id for p in before} - {b.prompt_id for b, _ in changed}
+    assert unchanged == {p.prompt_id for p in after} - {a.prompt_id for _, a in changed}
+
+
+def test_prompt_ids_follow_templates_and_the_settings_that_change_a_completion(tmp_path: Path) -> None:
+    def ids(**changes: object) -> dict[str, set[str]]:
+        document = small_run()
+        for seed in document["spec"]["seeds"]:
+            seed["uri"] = resolve_uri(seed["uri"])
+        for part, values in changes.items():
+            document["spec"].setdefault(part, {}).update(values)  # type: ignore[union-attr]
+        found: dict[str, set[str]] = collections.defaultdict(set)
+        for p in build_prompts(parse_run(document)):
+            found[p.seed_source].add(p.prompt_id)
+        return found
+
+    base = ids()
+    template = ids(prompts={"templates": {"math": "Explain for {{ audience.label }}: {{ text }}"}})
+    assert template["web"] == base["web"] and template["math"].isdisjoint(base["math"])
+    for generation in ({"model": "other/model"}, {"maxNewTokens": 13}, {"sampling": {"temperature": 0.7}},
+                       {"sampling": {"temperature": 0.0, "seed": 2}}):  # fmt: skip
+        changed = ids(generation=generation)
+        assert all(changed[s].isdisjoint(base[s]) for s in base), generation
+    # Where the model runs changes no completion: resuming keeps every document.
+    assert ids(generation={"concurrency": 9, "workers": 3, "shardSize": 5}) == base
+
+
+def test_a_pair_named_by_the_record_is_kept(tmp_path: Path) -> None:
+    rows = [
+        {"seed_data": "unit one", "audience": "college_students", "format": "textbook_academic_tone"},
+        {"seed_data": "unit two", "audience": "grade_school_students", "format": "blogpost"},
+        {"seed_data": "unit three", "audience": "unknown_readers", "format": "wikihow"},
+        {"seed_data": "unit four", "audience": None, "format": None},
+    ]
+    document = _web_run(
+        _jsonl(tmp_path / "c.jsonl", rows),
+        textField="seed_data", audienceField="audience", styleField="format",
+        audienceMap={"grade_school_students": "young_children"},
+        styleMap={"textbook_academic_tone": "textbook", "blogpost": "blog_post"},
+    )  # fmt: skip
+    prompts = list(build_prompts(parse_run(document)))
+    pairs = collections.defaultdict(list)
+    for p in prompts:
+        pairs[p.prompt.split('"""')[1].strip() if '"""' in p.prompt else p.seed_id].append(
+            (p.audience, p.style)
+        )
+    assert pairs["unit one"] == [("college_students", "textbook")]
+    assert pairs["unit two"] == [("young_children", "blog_post")]
+    # An audience the spec does not know leaves the style fixed and the audience to the record.
+    assert len(pairs["unit three"]) == 1 and pairs["unit three"][0][1] == "wikihow"
+    assert len(pairs["unit four"]) == 3  # nothing named: dealt from the deck as usual
+
+
+def test_prompt_seeds_regenerate_a_prompt_set_with_lineage(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": f"Write a textbook unit on topic {i}.", "format": "textbook_academic_tone",
+         "audience": "college_students", "seed_data": f"seed {i}", "text": "old", "token_length": 5}
+        for i in range(5)
+    ]  # fmt: skip
+    rows.append({**rows[0], "prompt": ""})
+    uri = str(tmp_path / "cosmopedia.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), uri)
+    document = small_run("regen")
+    document["spec"]["seeds"] = [
+        {"name": "stanford", "kind": "prompt", "uri": uri, "textField": "prompt",
+         "audienceField": "audience", "styleField": "format", "maxChars": 100}
+    ]  # fmt: skip
+    document["spec"]["prompts"]["variantsPerSeed"] = 4
+    prompts = list(build_prompts(parse_run(document)))
+    assert [p.prompt for p in prompts] == [f"Write a textbook unit on topic {i}." for i in range(5)]
+    assert {(p.audience, p.style, p.template_id, p.seed_kind) for p in prompts} == {
+        ("college_students", "textbook_academic_tone", "prompt", "prompt")
+    }
+    # Resumable like any run: the same ids every time, a new model gives new ones.
+    ids = [p.prompt_id for p in prompts]
+    assert len(set(ids)) == 5 and ids == [p.prompt_id for p in build_prompts(parse_run(document))]
+    document["spec"]["generation"]["model"] = "another/model"
+    assert set(ids).isdisjoint(p.prompt_id for p in build_prompts(parse_run(document)))
+    # A given prompt is never cut to maxChars: a cut prompt would be another prompt.
+    long = "word " * 400
+    pq.write_table(pa.Table.from_pylist([{**rows[0], "prompt": long}]), uri)
+    assert [p.prompt for p in build_prompts(parse_run(document))] == [long]

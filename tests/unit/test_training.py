@@ -24,14 +24,22 @@ import pytest
 import yaml
 
 from cosmoforge.cli.main import main as cosmo
-from cosmoforge.spec.model import TrainingSpec, parse_run
+from cosmoforge.operator.render import Platform, RenderError, stage_jobs, stages
+from cosmoforge.spec.model import GenerationRun, SpecError, TrainingSpec, parse_run
 from cosmoforge.training import TrainingError
 from cosmoforge.training.cpu_train import TrainConfig, learning_rate_at
 from cosmoforge.training.evaluate import TASKS, evaluate
-from cosmoforge.training.job import ClusterOptions, training_manifests
+from cosmoforge.training.metrics import Progress, ProgressRecord, training_summary
 from cosmoforge.training.nanotron_config import DataPaths, check_config, render_config, to_yaml
-from cosmoforge.training.nanotron_launch import Progress, ProgressRecord, cosmoforge_section, upload_folder
+from cosmoforge.training.nanotron_launch import (
+    cosmoforge_section,
+    model_flops_utilisation,
+    peak_tflops,
+    resume_position,
+)
+from cosmoforge.training.nanotron_launch import main as launch_main
 from cosmoforge.training.presets import PRESETS
+from cosmoforge.training.remote import upload_folder
 from cosmoforge.training.tokenize import tokenize_dataset
 
 DATA = Path(__file__).parents[1] / "data" / "training"
@@ -313,7 +321,10 @@ def test_gpu_benchmark_summary_on_the_cpu(tmp_path: Path, capsys: pytest.Capture
         assert (run["steps_run"], run["warmup_steps"], run["timed_steps"]) == (2, 1, 1)
         assert run["tokens_per_step"] == run["micro_batch"] * 32
         assert run["tokens_per_second"] > 0 and run["step_seconds_median"] > 0
-        assert run["mfu"] == pytest.approx(run["tokens_per_second"] * 6 * parameters / 1e12, rel=1e-2)
+        # The summary rounds MFU to 4 decimals: on a slow CPU that is more than 1 % of it.
+        assert run["mfu"] == pytest.approx(
+            run["tokens_per_second"] * 6 * parameters / 1e12, rel=1e-2, abs=5e-5
+        )
         assert abs(run["loss_first"] - math.log(4096)) < 0.5 and len(run["losses"]) == 2
     assert summary["best"]["micro_batch"] in (1, 2)
 
@@ -570,72 +581,221 @@ def test_nanotron_loads_the_rendered_configs(tmp_path: Path) -> None:
 
 # --- Kubernetes Job -----------------------------------------------------------------------
 
+PLATFORM = Platform(storage_secret="object-storage", trainer_image="cosmoforge-trainer:test")
 
-def run_with_training(dp: int, batch_size: int = 256) -> object:
+
+def run_with_training(
+    dp: int, batch_size: int = 256, preset: str = "1b", **parallelism: int
+) -> GenerationRun:
     return parse_run(
         {
             "apiVersion": "cosmoforge.io/v1alpha1",
             "kind": "GenerationRun",
-            "metadata": {"name": "cosmo-1b-repro"},
+            "metadata": {"name": "cosmo-1b-repro", "namespace": "training"},
             "spec": {
                 "seeds": [{"name": "web", "kind": "web", "uri": "s3://bucket/seeds/web.parquet"}],
                 "output": {"uri": "s3://bucket/runs"},
                 "training": {
-                    "preset": "1b",
-                    "sequenceLength": 2048,
+                    "preset": preset,
+                    "sequenceLength": 2048 if preset != "tiny" else 256,
                     "batchSize": batch_size,
-                    "parallelism": {"dp": dp},
+                    "checkpointEvery": 250,
+                    "parallelism": {"dp": dp, **parallelism},
                 },
             },
         }
     )
 
 
+def stage_manifests(run: GenerationRun, name: str) -> list[dict[str, Any]]:
+    stage = next(s for s in stages(run, PLATFORM) if s.name == name)
+    return stage_jobs(run, PLATFORM, stage)
+
+
 def test_1b_job_requests_gpus_and_passes_strict_validation() -> None:
     import kubernetes_validate
 
-    options = ClusterOptions(image="cosmoforge:test", gpus_per_node=8, storage_secret="object-storage")
-    manifests = training_manifests(run_with_training(dp=16), options, namespace="training")  # type: ignore[arg-type]
-    assert [m["kind"] for m in manifests] == ["ConfigMap", "Service", "Job"]
+    manifests = stage_manifests(run_with_training(dp=16), "train")
+    assert [m["kind"] for m in manifests] == ["Service", "Job"]
     for manifest in manifests:
         kubernetes_validate.validate(manifest, "1.37.0", strict=True)
 
-    job = manifests[-1]
+    service, job = manifests
     pod = job["spec"]["template"]["spec"]
-    container = pod["containers"][0]
+    (container,) = pod["containers"]
+    assert job["metadata"]["name"] == "cosmo-1b-repro-train"
     assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 2
+    assert job["spec"]["parallelism"] == 2 and job["spec"]["backoffLimit"] == 6
+    assert container["image"] == "cosmoforge-trainer:test"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
-    assert container["command"] == ["torchrun"]
-    assert "--nnodes=2" in container["args"] and "--node_rank=$(NODE_RANK)" in container["args"]
-    assert "--master_addr=cosmo-1b-repro-train-0.cosmo-1b-repro-train-nodes" in container["args"]
-    assert pod["subdomain"] == manifests[1]["metadata"]["name"]
+    assert container["envFrom"] == [{"secretRef": {"name": "object-storage"}}]
+    # The completion index is the node rank; index 0's pod, through the Service, the rendezvous.
+    rank = next(e for e in container["env"] if e["name"] == "NODE_RANK")
+    assert "job-completion-index" in rank["valueFrom"]["fieldRef"]["fieldPath"]
+    script = container["args"][0]
+    assert "--nnodes=2" in script and '--node_rank="$NODE_RANK"' in script and "--nproc_per_node=8" in script
+    assert "--master_addr=cosmo-1b-repro-train-0.cosmo-1b-repro-train-nodes" in script
+    assert pod["subdomain"] == service["metadata"]["name"] == "cosmo-1b-repro-train-nodes"
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"]
+    assert service["spec"]["selector"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
+    # Prepare, train and convert all read and write the run's folder in object storage.
+    assert (
+        "prepare --root s3://bucket/runs/cosmo-1b-repro --tokens s3://bucket/runs/cosmo-1b-repro/tokens"
+        in script
+    )
+    assert "--checkpoints s3://bucket/runs/cosmo-1b-repro/checkpoints/nanotron" in script
+    assert "--metrics s3://bucket/runs/cosmo-1b-repro/checkpoints/progress.json" in script
+    assert "convert-checkpoint s3://bucket/runs/cosmo-1b-repro/checkpoints/nanotron" in script
+    assert subprocess.run(["sh", "-n", "-c", script], check=False).returncode == 0
 
-    config = yaml.safe_load(manifests[0]["data"]["nanotron.yaml"])
-    assert check_config(config) == []
-    assert config["cosmoforge"]["tokens"] == "s3://bucket/runs/cosmo-1b-repro/tokens"
-    assert config["cosmoforge"]["metrics"] == "s3://bucket/runs/cosmo-1b-repro/metrics/training.json"
 
-
-def test_single_node_job_and_strict_validation_rejects_typos() -> None:
+def test_single_node_job_tiny_stays_on_the_cpu_and_strict_validation_rejects_typos() -> None:
     import kubernetes_validate
 
-    manifests = training_manifests(run_with_training(dp=4), ClusterOptions(image="cosmoforge:test"))  # type: ignore[arg-type]
-    assert [m["kind"] for m in manifests] == ["ConfigMap", "Job"]
-    job = manifests[-1]
-    assert "--standalone" in job["spec"]["template"]["spec"]["containers"][0]["args"]
+    (job,) = stage_manifests(run_with_training(dp=4), "train")
+    script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert "--standalone" in script and "--nproc_per_node=4" in script
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "4"
     job["spec"]["template"]["spec"]["containers"][0]["gpus"] = 4
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(job, "1.37.0", strict=True)
-    with pytest.raises(TrainingError, match="whole nodes"):
-        training_manifests(run_with_training(dp=12, batch_size=384), ClusterOptions(image="cosmoforge:test"))  # type: ignore[arg-type]
+    with pytest.raises(
+        SpecError, match=r"spec.training.parallelism: dp\*tp\*pp = 12 GPUs do not fill whole nodes"
+    ):
+        run_with_training(dp=12, batch_size=384)
+    (two_nodes_of_four, job) = stage_manifests(run_with_training(dp=2, tp=4, gpusPerNode=4), "train")
+    assert job["spec"]["completions"] == 2 and two_nodes_of_four["kind"] == "Service"
+
+    long_name = run_with_training(dp=16)
+    long_name.metadata.name = "a" * 56
+    with pytest.raises(RenderError, match="too long for the training pods' hostnames"):
+        stage_manifests(long_name, "train")
+
+    (tiny,) = stage_manifests(run_with_training(dp=1, batch_size=8, preset="tiny"), "train")
+    container = tiny["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["cosmo"] and container["args"][0] == "train"
+    assert container["args"][-2:] == ["--checkpoint-every", "250"]
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]
 
 
-def test_progress_file_and_checkpoint_upload(tmp_path: Path) -> None:
+def test_a_gpu_presets_evaluation_runs_on_a_gpu_and_the_tiny_one_on_the_cpu() -> None:
+    (evaluate_1b,) = stage_manifests(run_with_training(dp=8), "evaluate")
+    container = evaluate_1b["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][:2] == ["evaluate", "s3://bucket/runs/cosmo-1b-repro/checkpoints"]
+    assert container["args"][-2:] == ["--device", "cuda"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    (evaluate_tiny,) = stage_manifests(run_with_training(dp=1, batch_size=8, preset="tiny"), "evaluate")
+    assert "--device" not in evaluate_tiny["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def stored_run(tmp_path: Path, tokens: Path, checkpoint_step: int | None) -> Path:
+    """A run's folder as the cluster leaves it: spec.yaml, tokens and maybe nanotron checkpoints."""
+    root = tmp_path / "runs" / "tiny-nano"
+    root.mkdir(parents=True)
+    document = {
+        "apiVersion": "cosmoforge.io/v1alpha1",
+        "kind": "GenerationRun",
+        "metadata": {"name": "tiny-nano"},
+        "spec": {
+            "seeds": [{"name": "web", "kind": "web", "uri": "s3://bucket/seeds/web.parquet"}],
+            "output": {"uri": str(tmp_path / "runs")},
+            "training": {
+                "preset": "small",
+                "steps": 40,
+                "batchSize": 8,
+                "sequenceLength": 64,
+                "checkpointEvery": 20,
+            },
+        },
+    }
+    (root / "spec.yaml").write_text(yaml.safe_dump(document))
+    if checkpoint_step is not None:
+        step = root / "checkpoints" / "nanotron" / str(checkpoint_step)
+        (step / "model").mkdir(parents=True)
+        (step / "model" / "model_weight.safetensors").write_bytes(b"w")
+        (step / "model_config.json").write_text("{}")
+        (root / "checkpoints" / "nanotron" / "latest.txt").write_text(str(checkpoint_step))
+    return root
+
+
+def prepare_args(root: Path, tokens: Path, scratch: Path) -> list[str]:
+    return [
+        "prepare", "--root", f"file://{root}", "--tokens", str(tokens),
+        "--checkpoints", f"file://{root}/checkpoints/nanotron", "--metrics", f"{root}/metrics/training.json",
+        "--scratch", str(scratch),
+    ]  # fmt: skip
+
+
+def test_prepare_renders_the_config_and_fetches_the_checkpoint_to_resume(
+    tokens: Path, tmp_path: Path
+) -> None:
+    root = stored_run(tmp_path, tokens, checkpoint_step=20)
+    scratch = tmp_path / "scratch"
+    assert launch_main(prepare_args(root, tokens, scratch)) == 0
+    config = yaml.safe_load((scratch / "nanotron.yaml").read_text())
+    assert check_config(config) == []
+    assert config["checkpoints"]["resume_checkpoint_path"] == str(scratch)
+    assert config["checkpoints"]["checkpoint_interval"] == 20
+    assert (scratch / "latest.txt").read_text() == "20"
+    assert (scratch / "20" / "model" / "model_weight.safetensors").read_bytes() == b"w"
+    metrics = json.loads((tokens / "metrics.json").read_text())
+    assert config["model"]["model_config"]["vocab_size"] == 640  # 600 padded to 128
+    assert config["model"]["model_config"]["eos_token_id"] == metrics["tokenizer"]["eos_token_id"]
+    assert config["cosmoforge"]["checkpoints"] == f"file://{root}/checkpoints/nanotron"
+
+    fresh = stored_run(tmp_path / "fresh", tokens, checkpoint_step=None)
+    assert launch_main(prepare_args(fresh, tokens, tmp_path / "scratch2")) == 0
+    assert (
+        yaml.safe_load((tmp_path / "scratch2" / "nanotron.yaml").read_text())["checkpoints"][
+            "resume_checkpoint_path"
+        ]
+        is None
+    )
+    # A run folder without its spec is a settings problem: exit 2, which fails the Job at once.
+    (fresh / "spec.yaml").unlink()
+    assert launch_main(prepare_args(fresh, tokens, tmp_path / "scratch3")) == 2
+
+
+@pytest.mark.skipif(
+    not NANOTRON_PYTHON.exists(),
+    reason="nanotron's own environment is absent: create it with scripts/nanotron-venv.sh",
+)
+def test_nanotron_loads_the_config_prepare_writes(tokens: Path, tmp_path: Path) -> None:
+    root = stored_run(tmp_path, tokens, checkpoint_step=20)
+    assert launch_main(prepare_args(root, tokens, tmp_path / "scratch")) == 0
+    path = str(tmp_path / "scratch" / "nanotron.yaml")
+    completed = subprocess.run(
+        [str(NANOTRON_PYTHON), "-c", NANOTRON_LOAD, path], capture_output=True, text=True, check=False
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    loaded = json.loads(completed.stdout.strip().splitlines()[-1])[0]
+    assert loaded["hidden_size"] == PRESETS["small"].hidden_size and loaded["vocab_size"] == 640
+
+
+def test_progress_mfu_resume_position_and_checkpoint_upload(tmp_path: Path) -> None:
     progress = Progress(run="r")
     for step in range(1, 600):
-        progress.add(ProgressRecord(step, 600, 10.0 / step, 1e5, step * 1000, 3e-4, 0.0))
+        progress.add(ProgressRecord(step, 600, 10.0 / step, 1e5, step * 1000, 3e-4, 0.0, 0.4))
     data = json.loads(progress.to_json())
-    assert data["latest"]["step"] == 599 and len(data["history"]) == 500
+    assert data["latest"]["step"] == 599 and len(data["history"]) == 500 and data["latest"]["mfu"] == 0.4
+    results = {"tasks": [{"task": "arc_easy", "acc": 0.5, "acc_norm": 0.61234}]}
+    assert training_summary(data, results) == {
+        "step": 599,
+        "totalSteps": 600,
+        "loss": round(10.0 / 599, 4),
+        "tokensPerSecond": 1e5,
+        "mfu": 0.4,
+        "evaluation": {"arc_easy": 0.6123},
+    }
+    assert training_summary(None, None) == {}
+
+    # 6 x 1.2B parameters x 41.6k tokens/s on one H200 (989.4 TFLOPS): about 30 %.
+    assert peak_tflops("NVIDIA H200") == 989.4 and peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert model_flops_utilisation(41_600, 1_200_000_000, 1, 989.4) == pytest.approx(0.3027, abs=1e-4)
+    assert model_flops_utilisation(41_600, 1_200_000_000, 1, None) is None
+    # 1000 samples consumed by 4 replicas of micro batch 5: 50 micro-batches each, 2 epochs of 20 done.
+    assert resume_position(1000, 4, 5, 20) == (2, 10)
+    assert resume_position(0, 4, 5, 20) == (0, 0)
 
     local = tmp_path / "local" / "10"
     (local / "model").mkdir(parents=True)

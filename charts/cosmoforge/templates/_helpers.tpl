@@ -90,6 +90,14 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
   value: /tmp
 - name: HF_HOME
   value: /tmp/hf
+# Where specs may write and read (cosmoforge/spec/confinement.py): under the storage root,
+# never the pod's own files.
+- name: COSMO_OUTPUT_BASE
+  value: {{ .Values.storage.uri | quote }}
+- name: COSMO_OUTPUT_ALLOW
+  value: {{ join "," .Values.storage.allowedOutputs | quote }}
+- name: COSMO_LOCAL_PATHS
+  value: "0"
 {{- with .Values.storage.endpoint }}
 - name: AWS_ENDPOINT_URL
   value: {{ . | quote }}
@@ -98,4 +106,67 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 - name: AWS_DEFAULT_REGION
   value: {{ . | quote }}
 {{- end }}
+{{- end -}}
+
+{{/* The Secret holding the dispatcher's bearer token: the given one, or the chart's. */}}
+{{- define "cosmoforge.tokenSecret" -}}
+{{- default (include "cosmoforge.component" (dict "root" . "component" "token")) .Values.auth.existingSecret -}}
+{{- end -}}
+
+{{/* The Secret whose keys are the NATS credentials' environment variables ("" when NATS has none). */}}
+{{- define "cosmoforge.natsSecret" -}}
+{{- if .Values.nats.auth.enabled -}}
+{{- if .Values.nats.auth.existingSecret -}}
+{{- .Values.nats.auth.existingSecret -}}
+{{- else if .Values.nats.bundled.enabled -}}
+{{- include "cosmoforge.component" (dict "root" . "component" "nats-auth") -}}
+{{- else -}}
+{{- fail "nats.auth.existingSecret is required with an external NATS (or set nats.auth.enabled: false)" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Environment of the pods that call the dispatcher or serve it: the token, from its Secret. */}}
+{{- define "cosmoforge.tokenEnv" -}}
+- name: COSMOFORGE_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "cosmoforge.tokenSecret" . }}
+      key: {{ .Values.auth.tokenKey }}
+{{- end -}}
+
+{{/* A Secret value kept across upgrades: the live Secret's, else a new random one. It starts
+with a letter: nats-server reads the bundled server's password from the environment as a config
+value, where a leading digit would make it a number. */}}
+{{- define "cosmoforge.keptRandom" -}}
+{{- $live := lookup "v1" "Secret" .root.Release.Namespace .name -}}
+{{- if and $live $live.data (hasKey $live.data .key) -}}
+{{- index $live.data .key | b64dec -}}
+{{- else -}}
+{{- printf "c%s" (randAlphaNum 47) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Pods of this release and the runs it manages, as NetworkPolicy peers. */}}
+{{- define "cosmoforge.ownPeers" -}}
+- podSelector:
+    matchExpressions:
+      - key: app.kubernetes.io/name
+        operator: In
+        values: [cosmoforge, {{ include "cosmoforge.name" . | quote }}]
+  {{- if .Values.operator.watch.clusterWide }}
+  namespaceSelector: {}
+  {{- else }}
+  namespaceSelector:
+    matchExpressions:
+      - key: kubernetes.io/metadata.name
+        operator: In
+        values:
+          - {{ .Release.Namespace | quote }}
+          {{- range .Values.operator.watch.namespaces }}
+          {{- if ne . $.Release.Namespace }}
+          - {{ . | quote }}
+          {{- end }}
+          {{- end }}
+  {{- end }}
 {{- end -}}

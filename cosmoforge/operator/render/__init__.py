@@ -6,12 +6,14 @@ and the operator see exactly the same manifests, and a change to a manifest is r
 change to a function. Nothing here talks to Kubernetes; the handlers adopt and apply.
 
 One module per child kind: `inference` (server Deployment and Service), `generator`, `keda`,
-`jobs` (post-generation stages and their worker pools), all on `common`. `render_all` is the
+`jobs` (post-generation stages and their worker pools), `clustering` (Jobs before generation),
+all on `common`. `render_all` is the
 entry point; the names below are the package's interface.
 """
 
 from __future__ import annotations
 
+from cosmoforge.operator.render.clustering import clustering_sources, clustering_stages, with_topics_from
 from cosmoforge.operator.render.common import (
     COMPONENT_LABEL,
     MANAGED_BY,
@@ -50,6 +52,8 @@ __all__ = [
     "Role",
     "Stage",
     "child_name",
+    "clustering_sources",
+    "clustering_stages",
     "deploys_server",
     "endpoint_url",
     "generator_deployment",
@@ -68,6 +72,7 @@ __all__ = [
     "stage_job",
     "stage_jobs",
     "stages",
+    "with_topics_from",
     "workloads",
 ]
 
@@ -93,4 +98,5 @@ def workloads(run: GenerationRun, platform: Platform, server_replicas: int) -> l
 def render_all(run: GenerationRun, platform: Platform) -> list[Manifest]:
     """Every manifest the operator would create for this run, Jobs included (`cosmo render`)."""
     docs = workloads(run, platform, initial_replicas(run))
-    return docs + [job for stage in stages(run, platform) for job in stage_jobs(run, platform, stage)]
+    planned = clustering_stages(run, platform) + stages(run, platform)
+    return docs + [job for stage in planned for job in stage_jobs(run, platform, stage)]

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
+from cosmoforge.queue.auth import has_credentials
+from cosmoforge.redaction import redact_urls
+from cosmoforge.spec.confinement import StoragePolicy
 from cosmoforge.spec.model import Engine, GenerationRun, SecretKeyRef
 
 Manifest = dict[str, Any]
@@ -56,7 +59,10 @@ class RenderError(ValueError):
 class Platform:
     """Cluster-side settings the chart passes to the operator as environment variables.
 
-    `image` is the runtime image; `image_for` picks the image of a child's role."""
+    `image` is the runtime image; `image_for` picks the image of a child's role. `nats_secret`
+    names the Secret (in each run namespace) whose keys are the NATS credentials' environment
+    variables (`cosmoforge.queue.auth`): `nats_url` itself never carries any, because it is
+    written into every child's spec."""
 
     image: str = DEFAULT_IMAGE
     postprocess_image: str = DEFAULT_POSTPROCESS_IMAGE
@@ -68,9 +74,11 @@ class Platform:
     nats_monitoring: str = "nats:8222"
     dispatcher: str | None = None
     output_base: str | None = None
+    output_allow: tuple[str, ...] = ()  # prefixes outside output_base that outputs may use
     storage_endpoint: str | None = None
     storage_region: str | None = None
     storage_secret: str | None = None
+    nats_secret: str | None = None
     service_account: str | None = None
     extra_labels: dict[str, str] = field(default_factory=dict)
 
@@ -95,11 +103,27 @@ class Platform:
             nats_monitoring=pick("COSMO_NATS_MONITORING", base.nats_monitoring) or base.nats_monitoring,
             dispatcher=pick("COSMO_DISPATCHER", None),
             output_base=pick("COSMO_OUTPUT_BASE", None),
+            output_allow=tuple(
+                p.strip() for p in (pick("COSMO_OUTPUT_ALLOW", "") or "").split(",") if p.strip()
+            ),
             storage_endpoint=pick("COSMO_STORAGE_ENDPOINT", None),
             storage_region=pick("COSMO_STORAGE_REGION", None),
             storage_secret=pick("COSMO_STORAGE_SECRET", None),
+            nats_secret=pick("COSMO_NATS_SECRET", None),
             service_account=pick("COSMO_CHILD_SERVICE_ACCOUNT", None),
         )
+
+    def storage_policy(self) -> StoragePolicy:
+        """What specs may name in the cluster: outputs under the storage root (or the allowed
+        prefixes), never a pod's own files."""
+        return StoragePolicy(root=self.output_base, allowed=self.output_allow, local_paths=False)
+
+    def __post_init__(self) -> None:
+        if has_credentials(self.nats_url):
+            # The message holds no part of the URL: the part that would help is the secret.
+            raise ValueError(
+                "the NATS URL carries credentials; give them as a Secret (the chart's nats.auth) instead"
+            )
 
     def image_for(self, role: Role) -> str:
         images = {
@@ -151,9 +175,16 @@ def child_metadata(run: GenerationRun, component: str, part: str, platform: Plat
 # --- where things are ---------------------------------------------------------------------
 
 
+def _no_credentials(field: str, uri: str) -> str:
+    """Rendered URIs go into pod specs for anyone who can read them: credentials come from Secrets."""
+    if redact_urls(uri) != uri:
+        raise RenderError(field, "carries credentials in the URI; give them as a Secret instead")
+    return uri
+
+
 def output_uri(run: GenerationRun, platform: Platform) -> str:
     """The run's `output.uri` as pods can reach it: object storage, never a pod's own disk."""
-    uri = run.spec.output.uri
+    uri = _no_credentials("spec.output.uri", run.spec.output.uri)
     if "://" in uri and not uri.startswith("file://"):
         return uri.rstrip("/")
     if platform.output_base and "://" not in uri and not uri.startswith("/"):
@@ -177,7 +208,7 @@ def deploys_server(run: GenerationRun) -> bool:
 
 def endpoint_url(run: GenerationRun) -> str:
     if run.spec.generation.endpoint:
-        return run.spec.generation.endpoint
+        return _no_credentials("spec.generation.endpoint", run.spec.generation.endpoint)
     return f"http://{child_name(run.name, 'inference')}:{SERVER_PORT}"
 
 
@@ -242,9 +273,17 @@ def cosmo_container(
         "securityContext": restricted_container_security(),
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
-    if platform.storage_secret:
-        container["envFrom"] = [{"secretRef": {"name": platform.storage_secret}}]
+    secrets = [platform.storage_secret]
+    if _talks_to_nats(args, env):
+        secrets.append(platform.nats_secret)
+    if any(secrets):
+        container["envFrom"] = [{"secretRef": {"name": name}} for name in secrets if name]
     return container
+
+
+def _talks_to_nats(args: list[str], env: list[dict[str, Any]]) -> bool:
+    """Only the containers that open a NATS connection get its credentials."""
+    return "--nats" in args or any(entry.get("name") == "COSMO_NATS_URL" for entry in env)
 
 
 def cosmo_pod(containers: list[dict[str, Any]], platform: Platform, **extra: Any) -> dict[str, Any]:

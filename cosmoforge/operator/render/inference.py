@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from cosmoforge.operator.render import serverargs
 from cosmoforge.operator.render.common import (
     SERVER_PORT,
+    UID,
     Manifest,
     Platform,
+    RenderError,
     Role,
     child_metadata,
     cosmo_container,
@@ -39,10 +42,29 @@ def _http_probe(period: int, failures: int, timeout: int = 5) -> dict[str, Any]:
     }
 
 
+# Defaults for a GPU server whose spec names no size: a node's share a 7B-70B model server needs,
+# and a ceiling so one run cannot take a whole node's memory or fill its disk.
+DEFAULT_SERVER_CPU = "4"
+DEFAULT_SERVER_MEMORY = "64Gi"
+DEFAULT_CACHE_SIZE = "200Gi"
+
+
+def _extra_args(run: GenerationRun) -> list[str]:
+    """The spec's extra flags once the allow-list passed them, and remote code only on request."""
+    serving = run.spec.generation.serving
+    refused = serverargs.problems(run.spec.generation.engine, serving.extra_args)
+    if refused:
+        raise RenderError(serverargs.FIELD, "; ".join(refused))
+    return ([serverargs.REMOTE_CODE_FLAG] if serving.trust_remote_code else []) + serving.extra_args
+
+
 def server_args(run: GenerationRun) -> list[str]:
-    """The inference server's command line: TGI shards, vLLM tensor-parallel size."""
+    """The inference server's command line: TGI shards, vLLM tensor-parallel size, allowed extras.
+
+    Raises RenderError for an extra argument outside the engine's allow-list."""
     generation = run.spec.generation
     serving = generation.serving
+    extra = _extra_args(run)
     shards = str(max(1, generation.gpus_per_replica))
     if generation.engine == Engine.vllm:
         args = ["--model", generation.model, "--served-model-name", generation.model]
@@ -51,7 +73,7 @@ def server_args(run: GenerationRun) -> list[str]:
             args += ["--revision", generation.revision]
         if serving.max_total_tokens:
             args += ["--max-model-len", str(serving.max_total_tokens)]
-        return args + serving.extra_args
+        return args + extra
     args = ["--model-id", generation.model, "--hostname", "0.0.0.0", "--port", str(SERVER_PORT)]
     args += ["--num-shard", shards]
     if generation.revision:
@@ -60,7 +82,7 @@ def server_args(run: GenerationRun) -> list[str]:
         args += ["--max-input-tokens", str(serving.max_input_tokens)]
     if serving.max_total_tokens:
         args += ["--max-total-tokens", str(serving.max_total_tokens)]
-    return args + serving.extra_args
+    return args + extra
 
 
 def _gpu_server_container(run: GenerationRun, platform: Platform) -> dict[str, Any]:
@@ -68,17 +90,20 @@ def _gpu_server_container(run: GenerationRun, platform: Platform) -> dict[str, A
     serving = generation.serving
     vllm = generation.engine == Engine.vllm
     default = platform.vllm_image if vllm else platform.tgi_image
-    env = [env_var("HF_HOME", "/data"), env_var("HUGGINGFACE_HUB_CACHE", "/data/hub")]
+    # The servers run as a non-root user: every cache they write points at a mounted volume.
+    env = [
+        env_var("HOME", "/tmp"),
+        env_var("HF_HOME", "/data"),
+        env_var("HUGGINGFACE_HUB_CACHE", "/data/hub"),
+        env_var("XDG_CACHE_HOME", "/data/cache"),
+    ]
     if serving.hf_token_secret:
         env.append(secret_env("HF_TOKEN", serving.hf_token_secret))
-    limits: dict[str, str] = {}
-    requests: dict[str, str] = {}
+    memory = serving.memory or DEFAULT_SERVER_MEMORY
+    limits: dict[str, str] = {"memory": memory}
+    requests: dict[str, str] = {"memory": memory, "cpu": serving.cpu or DEFAULT_SERVER_CPU}
     if generation.gpus_per_replica:
         limits["nvidia.com/gpu"] = requests["nvidia.com/gpu"] = str(generation.gpus_per_replica)
-    if serving.memory:
-        limits["memory"] = requests["memory"] = serving.memory
-    if serving.cpu:
-        requests["cpu"] = serving.cpu
     cache_mount: dict[str, Any] = {"name": "model-cache", "mountPath": "/data"}
     if serving.model_cache and serving.model_cache.sub_path:
         cache_mount["subPath"] = serving.model_cache.sub_path
@@ -94,12 +119,18 @@ def _gpu_server_container(run: GenerationRun, platform: Platform) -> dict[str, A
         "startupProbe": _http_probe(period=10, failures=180),
         "readinessProbe": _http_probe(period=10, failures=3),
         "livenessProbe": _http_probe(period=30, failures=3, timeout=10),
+        # Not readOnlyRootFilesystem: TGI and vLLM write compiled kernels in places of their own.
         "securityContext": {
             "allowPrivilegeEscalation": False,
+            "runAsNonRoot": True,
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}, cache_mount],
+        "volumeMounts": [
+            {"name": "shm", "mountPath": "/dev/shm"},
+            {"name": "tmp", "mountPath": "/tmp"},
+            cache_mount,
+        ],
     }
 
 
@@ -118,11 +149,24 @@ def _gpu_server_pod(run: GenerationRun, platform: Platform) -> dict[str, Any]:
     if serving.model_cache:
         cache["persistentVolumeClaim"] = {"claimName": serving.model_cache.claim_name}
     else:
-        cache["emptyDir"] = {}
+        # Weights fill the node's disk otherwise: past the limit the kubelet evicts the pod.
+        cache["emptyDir"] = {"sizeLimit": DEFAULT_CACHE_SIZE}
     pod: dict[str, Any] = {
         "automountServiceAccountToken": False,
+        # Both images run as any user whose caches are writable (HOME, HF_HOME on the volumes).
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": UID,
+            "runAsGroup": UID,
+            "fsGroup": UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
         "containers": [_gpu_server_container(run, platform)],
-        "volumes": [{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": serving.shm_size}}, cache],
+        "volumes": [
+            {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": serving.shm_size}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": "10Gi"}},
+            cache,
+        ],
         "terminationGracePeriodSeconds": 60,
     }
     return _placed(pod, serving)

@@ -14,15 +14,19 @@ from typing import Any
 from cosmoforge.operator.render.common import (
     Manifest,
     Platform,
+    RenderError,
     Role,
     child_metadata,
     cosmo_container,
     cosmo_pod,
     output_uri,
     run_root,
+    secret_env,
+    selector_labels,
 )
 from cosmoforge.runs.stages import PlannedStage, post_stages
 from cosmoforge.spec.model import GenerationRun, Phase, TrainingSpec
+from cosmoforge.training import job as nanotron
 
 
 @dataclass(frozen=True)
@@ -53,11 +57,18 @@ class Stage:
     cpu: str = "1"
     memory: str = "4Gi"
     pool: Pool | None = None
+    env: tuple[dict[str, Any], ...] = ()
+    kind: str = ""  # what the stage does, when several Jobs do it (cluster-0, cluster-1): its name
+    gpus: int = 0
 
     @property
     def role(self) -> Role:
         """The image the stage's Jobs (its pool's too) run."""
-        return STAGE_ROLES[self.name]
+        return STAGE_ROLES[self.kind or self.name]
+
+    @property
+    def deadline_seconds(self) -> int:
+        return STAGE_DEADLINES[self.kind or self.name]
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -68,11 +79,27 @@ class Stage:
 # Data stages run the post-processing image; training and evaluation need the trainer's CUDA
 # PyTorch, nanotron and lighteval.
 STAGE_ROLES: dict[str, Role] = {
+    "cluster": Role.postprocess,
     "dedup": Role.postprocess,
     "decontaminate": Role.postprocess,
     "tokenize": Role.postprocess,
     "train": Role.trainer,
     "evaluate": Role.trainer,
+    "publish": Role.runtime,  # huggingface_hub and pyarrow are in every image
+}
+
+# How long a stage's Jobs may run before Kubernetes stops them (their pool's too): past it the
+# stage fails instead of holding nodes (and GPUs, for training) forever on a hung step. Generous
+# for the largest runs each stage is written for; training is measured in days.
+HOUR = 3600
+STAGE_DEADLINES: dict[str, int] = {
+    "cluster": 24 * HOUR,
+    "dedup": 24 * HOUR,
+    "decontaminate": 24 * HOUR,
+    "tokenize": 24 * HOUR,
+    "train": 14 * 24 * HOUR,
+    "evaluate": 48 * HOUR,
+    "publish": 6 * HOUR,
 }
 
 # Checking processes per decontamination worker pod: its CPU request, not the node's cores.
@@ -137,6 +164,8 @@ def _train_stage(run: GenerationRun, platform: Platform, planned: PlannedStage) 
     args += ("--steps", str(training.steps), "--batch-size", str(training.batch_size))
     args += ("--seq-len", str(training.sequence_length), "--lr", str(training.learning_rate))
     args += ("--warmup", str(training.warmup_steps))
+    if training.checkpoint_every is not None:  # a replaced pod resumes from the last one
+        args += ("--checkpoint-every", str(training.checkpoint_every))
     return Stage(planned.name, planned.phase, args, out, cpu="4", memory="16Gi")
 
 
@@ -149,7 +178,20 @@ def _evaluate_stage(run: GenerationRun, platform: Platform, planned: PlannedStag
         args += ("--max-samples", str(training.eval_max_samples))
     if training.eval_data is not None:
         args += ("--data-dir", training.eval_data)
+    if nanotron.uses_nanotron(training):  # a GPU preset's model is scored on a GPU too
+        return Stage(planned.name, planned.phase, (*args, "--device", "cuda"), out, "4", "32Gi", gpus=1)
     return Stage(planned.name, planned.phase, args, out, cpu="2", memory="8Gi")
+
+
+def _publish_stage(run: GenerationRun, platform: Platform, planned: PlannedStage) -> Stage:
+    hub = run.spec.output.hub
+    assert hub is not None, "post_stages plans publishing only with spec.output.hub"
+    root = run_root(run, platform)
+    args: tuple[str, ...] = ("publish", root, "--repo", hub.repo) + (("--private",) if hub.private else ())
+    # The token reaches the pod from its Secret only: never in the args, the spec or the Job.
+    env = (secret_env("HF_TOKEN", hub.token_secret),)
+    out = f"{root}/{planned.output}"
+    return Stage(planned.name, planned.phase, args, out, cpu="1", memory="2Gi", env=env)
 
 
 _STAGE_JOBS: dict[str, Callable[[GenerationRun, Platform, PlannedStage], Stage]] = {
@@ -158,6 +200,7 @@ _STAGE_JOBS: dict[str, Callable[[GenerationRun, Platform, PlannedStage], Stage]]
     "tokenize": _tokenize_stage,
     "train": _train_stage,
     "evaluate": _evaluate_stage,
+    "publish": _publish_stage,
 }
 
 
@@ -190,9 +233,18 @@ def _pod_failure_policy(container: str) -> dict[str, Any]:
 
 def stage_job(run: GenerationRun, platform: Platform, stage: Stage) -> Manifest:
     resources = _resources(stage.cpu, stage.memory)
-    container = cosmo_container(stage.name, list(stage.args), platform, [], resources, role=stage.role)
+    if stage.gpus:
+        resources["limits"]["nvidia.com/gpu"] = str(stage.gpus)
+    env = list(stage.env)
+    container = cosmo_container(stage.name, list(stage.args), platform, env, resources, role=stage.role)
     meta = child_metadata(run, stage.name, stage.name, platform)
     pod = cosmo_pod([container], platform, restartPolicy="Never")
+    if stage.gpus:  # on the GPU nodes the spec names for its inference servers
+        serving = run.spec.generation.serving
+        if serving.node_selector:
+            pod["nodeSelector"] = dict(serving.node_selector)
+        if serving.tolerations:
+            pod["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in serving.tolerations]
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -200,6 +252,7 @@ def stage_job(run: GenerationRun, platform: Platform, stage: Stage) -> Manifest:
         "spec": {
             # A stage that fails twice more fails the run; no TTL: the operator reads the Job's end.
             "backoffLimit": 2,
+            "activeDeadlineSeconds": stage.deadline_seconds,
             "podFailurePolicy": _pod_failure_policy(stage.name),
             "template": {"metadata": {"labels": dict(meta["labels"])}, "spec": pod},
         },
@@ -223,6 +276,7 @@ def pool_job(run: GenerationRun, platform: Platform, stage: Stage) -> Manifest |
         "metadata": meta,
         "spec": {
             "parallelism": pool.size,
+            "activeDeadlineSeconds": stage.deadline_seconds,
             # Failed pods are replaced; about two failures per worker fail the pool, and the stage.
             "backoffLimit": 2 * pool.size,
             "podFailurePolicy": _pod_failure_policy("worker"),
@@ -231,7 +285,40 @@ def pool_job(run: GenerationRun, platform: Platform, stage: Stage) -> Manifest |
     }
 
 
+def nanotron_jobs(run: GenerationRun, platform: Platform, stage: Stage) -> list[Manifest]:
+    """A GPU preset's train stage: the headless Service (several nodes only), then the Indexed
+    Job running torchrun + nanotron on every node (see cosmoforge.training.job)."""
+    training, sizing = _training(run), nanotron.GpuNodes()
+    nodes = nanotron.layout(training)
+    planned = next(s for s in post_stages(run.spec) if s.name == "train")
+    paths = nanotron.training_paths(run_root(run, platform), planned.input, planned.output)
+    meta = child_metadata(run, stage.name, stage.name, platform)
+    service = child_metadata(run, stage.name, f"{stage.name}-nodes", platform)
+    if len(hostname := f"{meta['name']}-{nodes.nodes - 1}") > 63:  # pods are named <job>-<index>
+        raise RenderError("metadata.name", f"too long for the training pods' hostnames ({hostname})")
+    volumes, mounts = nanotron.training_volumes(sizing)
+    resources = nanotron.gpu_resources(nodes, sizing)
+    env = nanotron.node_rank_env()
+    container = cosmo_container(stage.name, [], platform, env, resources, role=stage.role)
+    script = nanotron.launch_script(paths, nodes, master=f"{meta['name']}-0.{service['name']}")
+    container |= {"command": ["/bin/sh", "-c"], "args": [script]}
+    container["volumeMounts"] = container["volumeMounts"] + mounts
+    container["ports"] = [{"name": "rendezvous", "containerPort": nanotron.MASTER_PORT}]
+    pod = cosmo_pod([container], platform, restartPolicy="Never", subdomain=service["name"])
+    pod["volumes"] = pod["volumes"] + volumes
+    pod["tolerations"] = [{"key": sizing.gpu_resource, "operator": "Exists", "effect": "NoSchedule"}]
+    template = {"metadata": {"labels": dict(meta["labels"])}, "spec": pod}
+    spec = nanotron.job_spec(nodes, template, stage.name, sizing)
+    spec["activeDeadlineSeconds"] = stage.deadline_seconds
+    job: Manifest = {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
+    if nodes.nodes == 1:
+        return [job]
+    return [nanotron.headless_service(service, selector_labels(run.name, stage.name)), job]
+
+
 def stage_jobs(run: GenerationRun, platform: Platform, stage: Stage) -> list[Manifest]:
     """The stage's Job, then its worker pool's if it has one: what starting the stage creates."""
+    if stage.name == "train" and nanotron.uses_nanotron(_training(run)):
+        return nanotron_jobs(run, platform, stage)
     pool = pool_job(run, platform, stage)
     return [stage_job(run, platform, stage)] + ([pool] if pool is not None else [])

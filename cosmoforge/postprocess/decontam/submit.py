@@ -52,6 +52,7 @@ from cosmoforge.postprocess.decontam.tasks import (
     stranded_at,
 )
 from cosmoforge.processes import Supervisor
+from cosmoforge.queue import auth as queue_auth
 from cosmoforge.queue.topology import (
     DECONTAM_ACK_WAIT_SECONDS,
     DECONTAM_MAX_DELIVER,
@@ -88,7 +89,9 @@ async def submit(
     """
     plan = await asyncio.to_thread(store_plan, plan)
     result = Submitted(plan)
-    nc = await nats.connect(nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+    nc = await nats.connect(
+        nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5, **queue_auth.connect_options()
+    )
     try:
         js = nc.jetstream()
         if await asyncio.to_thread(is_done, plan):
@@ -169,7 +172,11 @@ class _Watch:
     async def open(cls, nats_url: str, run: str, plan: Plan) -> _Watch:
         watch = cls(run, plan)
         watch.nc = await nats.connect(
-            nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5, error_cb=watch._trouble
+            nats_url,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            error_cb=watch._trouble,
+            **queue_auth.connect_options(),
         )
         await watch.nc.subscribe(decontam_advisory_subject(run), cb=watch._advisory)
         return watch

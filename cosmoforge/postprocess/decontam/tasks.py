@@ -54,6 +54,7 @@ from cosmoforge.postprocess.stages import (
     report_json,
     split_by_verdict,
 )
+from cosmoforge.queue import auth as queue_auth
 from cosmoforge.queue.topology import (
     DECONTAM_CONSUMER,
     decontam_advisory_subject,
@@ -185,10 +186,15 @@ async def remove_stream(js: JetStreamContext, run: str) -> None:
 async def remove_stream_at(nats_url: str, run: str) -> None:
     """`remove_stream` on a server that may be gone: a leftover is removed when it can be, or kept."""
     try:
-        nc = await nats.connect(nats_url, allow_reconnect=False, connect_timeout=5)
+        nc = await nats.connect(
+            nats_url, allow_reconnect=False, connect_timeout=5, **queue_auth.connect_options()
+        )
     except Exception as error:
         log.warning(
-            "could not reach %s to remove the task stream %s: %s", nats_url, decontam_stream_name(run), error
+            "could not reach %s to remove the task stream %s: %s",
+            queue_auth.redact(nats_url),
+            decontam_stream_name(run),
+            error,
         )
         return
     try:

@@ -29,29 +29,39 @@ def _error(error: grpc.aio.AioRpcError) -> DispatcherError:
 
 
 class DispatcherClient(grpcbase.Client):
-    """`async with DispatcherClient("host:port") as client: await client.start_run(text)`."""
+    """`async with DispatcherClient("host:port") as client: await client.start_run(text)`.
 
-    def __init__(self, target: str, timeout: float | None = 60.0):
-        super().__init__(target, timeout)
+    `security` carries the bearer token (and TLS settings) a dispatcher started with a token wants."""
+
+    def __init__(
+        self, target: str, timeout: float | None = 60.0, security: grpcbase.ClientSecurity | None = None
+    ):
+        super().__init__(target, timeout, security=security)
         self.stub = pb_grpc.DispatcherStub(self.channel)
 
     async def start_run(self, spec_yaml: str) -> dict[str, Any]:
         try:
-            reply = await self.stub.StartRun(pb.StartRunRequest(spec_yaml=spec_yaml), timeout=self.timeout)
+            reply = await self.stub.StartRun(
+                pb.StartRunRequest(spec_yaml=spec_yaml), timeout=self.timeout, metadata=self.metadata
+            )
         except grpc.aio.AioRpcError as error:
             raise _error(error) from None
         return to_dict(reply)
 
     async def get_status(self, run: str) -> dict[str, Any]:
         try:
-            reply = await self.stub.GetRunStatus(pb.GetRunStatusRequest(run=run), timeout=self.timeout)
+            reply = await self.stub.GetRunStatus(
+                pb.GetRunStatusRequest(run=run), timeout=self.timeout, metadata=self.metadata
+            )
         except grpc.aio.AioRpcError as error:
             raise _error(error) from None
         return to_dict(reply)
 
     async def watch(self, run: str, heartbeat_seconds: float = 0.0) -> AsyncIterator[dict[str, Any]]:
         """Status dicts, each with a `reason` key, until the run reaches a final phase."""
-        call = self.stub.WatchRun(pb.WatchRunRequest(run=run, heartbeat_seconds=heartbeat_seconds))
+        call = self.stub.WatchRun(
+            pb.WatchRunRequest(run=run, heartbeat_seconds=heartbeat_seconds), metadata=self.metadata
+        )
         try:
             async for event in call:
                 yield {**to_dict(event.status), "reason": event.reason}
@@ -62,14 +72,18 @@ class DispatcherClient(grpcbase.Client):
 
     async def cancel(self, run: str) -> dict[str, Any]:
         try:
-            reply = await self.stub.CancelRun(pb.CancelRunRequest(run=run), timeout=self.timeout)
+            reply = await self.stub.CancelRun(
+                pb.CancelRunRequest(run=run), timeout=self.timeout, metadata=self.metadata
+            )
         except grpc.aio.AioRpcError as error:
             raise _error(error) from None
         return to_dict(reply)
 
     async def list_runs(self) -> list[dict[str, Any]]:
         try:
-            reply = await self.stub.ListRuns(pb.ListRunsRequest(), timeout=self.timeout)
+            reply = await self.stub.ListRuns(
+                pb.ListRunsRequest(), timeout=self.timeout, metadata=self.metadata
+            )
         except grpc.aio.AioRpcError as error:
             raise _error(error) from None
         return [to_dict(status) for status in reply.runs]

@@ -15,6 +15,7 @@ ensure_generated()
 
 from cosmoforge._proto.v1 import dispatcher_pb2 as pb  # noqa: E402
 from cosmoforge._proto.v1 import dispatcher_pb2_grpc as pb_grpc  # noqa: E402
+from cosmoforge.redaction import redact_urls  # noqa: E402
 from cosmoforge.runs.status import RunStatus  # noqa: E402
 
 __all__ = [
@@ -43,7 +44,10 @@ _PHASE_NAMES = {number: name for name, number in _PHASES.items()}
 
 
 def to_message(status: RunStatus) -> pb.RunStatus:
+    """The status as sent: its free text (messages, error reasons) with URL credentials masked."""
     data = status.to_dict()
+    data["message"] = redact_urls(data["message"])
+    data["errors"] = {redact_urls(reason): count for reason, count in data["errors"].items()}
     data["phase"] = _PHASES.get(status.phase, pb.PHASE_UNSPECIFIED)
     return pb.RunStatus(**data)
 

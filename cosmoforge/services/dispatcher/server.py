@@ -21,11 +21,13 @@ from grpc_health.v1 import health
 
 from cosmoforge.generation import metrics
 from cosmoforge.queue.topology import ACK_WAIT_SECONDS
+from cosmoforge.redaction import redact_urls
 from cosmoforge.runs.manager import RunConflict, RunManager, RunNotFound, StartFailed
 from cosmoforge.services import grpcbase
 from cosmoforge.services.dispatcher.proto import SERVICE, pb, pb_grpc, problems_metadata, to_message
 from cosmoforge.services.runpages import RunPages, serving
 from cosmoforge.spec.model import SpecError
+from cosmoforge.spec.problems import summary
 
 log = logging.getLogger("cosmoforge.services.dispatcher")
 
@@ -41,11 +43,17 @@ class Failure:
 
 
 def failure_for(error: Exception) -> Failure:
-    """The gRPC status a manager exception stands for."""
+    """The gRPC status a manager exception stands for (URL credentials in its text masked)."""
+    failure = _failure_for(error)
+    return Failure(failure.code, redact_urls(failure.details), failure.trailers)
+
+
+def _failure_for(error: Exception) -> Failure:
     if isinstance(error, SpecError):
-        details = "; ".join(f"{field}: {reason}" for field, reason in error.problems)
+        problems = [(field, redact_urls(reason)) for field, reason in error.problems]
+        details = summary(problems)
         return Failure(
-            grpc.StatusCode.INVALID_ARGUMENT, f"invalid spec: {details}", problems_metadata(error.problems)
+            grpc.StatusCode.INVALID_ARGUMENT, f"invalid spec: {details}", problems_metadata(problems)
         )
     if isinstance(error, RunNotFound):
         return Failure(grpc.StatusCode.NOT_FOUND, str(error.args[0] if error.args else error))
@@ -111,20 +119,27 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
 
 
 def create_server(
-    manager: RunManager, port: int = 0, host: str = "0.0.0.0"
+    manager: RunManager,
+    port: int = 0,
+    host: str = grpcbase.DEFAULT_HOST,
+    security: grpcbase.ServerSecurity | None = None,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
-    """A server with the Dispatcher and health services bound to host:port (0: a free port)."""
-    server = grpc.aio.server()
+    """A server with the Dispatcher and health services bound to host:port (0: a free port).
+
+    With `security`, every Dispatcher call needs its bearer token, and TLS is on if it has a
+    certificate."""
+    server = grpcbase.new_server(security)
     pb_grpc.add_DispatcherServicer_to_server(DispatcherServicer(manager), server)
-    health_servicer, bound = grpcbase.bind(server, host, port)
+    health_servicer, bound = grpcbase.bind(server, host, port, security)
     return server, health_servicer, bound
 
 
 async def serve(
     nats_url: str,
     port: int,
-    host: str = "0.0.0.0",
+    host: str = grpcbase.DEFAULT_HOST,
     *,
+    security: grpcbase.ServerSecurity | None = None,
     compact: bool = True,
     use_wandb: bool = False,
     ack_wait: float = ACK_WAIT_SECONDS,
@@ -132,7 +147,7 @@ async def serve(
 ) -> None:
     """Run the dispatcher until SIGTERM or SIGINT; with `ui_port`, serve the run pages too."""
     manager = RunManager(nats_url, compact=compact, use_wandb=use_wandb, ack_wait=ack_wait)
-    server, health_servicer, bound = create_server(manager, port, host)
+    server, health_servicer, bound = create_server(manager, port, host, security)
     stop = grpcbase.stop_on_signals()
     try:
         await manager.start()
@@ -153,14 +168,16 @@ async def serve(
 def main(
     nats_url: str,
     port: int,
-    host: str = "0.0.0.0",
+    host: str = grpcbase.DEFAULT_HOST,
     metrics_port: int = 0,
     compact: bool = True,
     use_wandb: bool = False,
     ack_wait: float = ACK_WAIT_SECONDS,
     ui_port: int | None = None,
+    security: grpcbase.ServerSecurity | None = None,
 ) -> int:
     metrics.serve(metrics_port)
     options: dict[str, Any] = {"compact": compact, "use_wandb": use_wandb, "ack_wait": ack_wait}
+    options["security"] = security
     asyncio.run(serve(nats_url, port, host, ui_port=ui_port, **options))
     return 0
