@@ -16,6 +16,13 @@ from typing import Any
 
 import httpx
 import pytest
+
+# Imported while collecting, with one thread: schemathesis is a pytest plugin, so its modules are
+# compiled by pytest's assertion rewriter on first import, and CPython 3.11.7's AST constructor
+# keeps its recursion count per interpreter, not per thread: compiling while a thread of an
+# earlier test (an operator, a server) compiles a template raises a SystemError (gh-106905).
+import schemathesis
+import schemathesis.specs.openapi.schemas
 from openai import NotFoundError, OpenAI, UnprocessableEntityError
 from text_generation import AsyncClient, Client
 from text_generation.errors import ValidationError
@@ -439,7 +446,6 @@ def test_canned_engine_answers_injects_503s_and_refuses_other_models() -> None:
 
 def test_openapi_document_fuzzed_never_gets_a_server_error() -> None:
     """Whatever the OpenAPI document allows (and a little it does not), never a 5xx."""
-    schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, given, settings
 
     from cosmoforge.services.modelserver.app import create_app

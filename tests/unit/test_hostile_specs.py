@@ -672,7 +672,8 @@ def test_the_operator_fails_a_hostile_run_with_a_short_condition_and_keeps_servi
     evil["spec"]["output"] = {"uri": "s3://other-tenant/runs"}
     evil["spec"]["seeds"][0]["uri"] = "http://169.254.169.254/latest/meta-data/"
     evil["spec"]["prompts"]["templates"] = {
-        "web": "{% for a in range(10000) %}{% for b in range(10000) %}{{ b }}{% endfor %}{% endfor %}",
+        # No output: only time grows (an output this size would hit the memory limit first).
+        "web": "{% for a in range(10000) %}{% for b in range(10000) %}{% endfor %}{% endfor %}",
         "math": "{{ 9 ** 29999999 }}",
     }
 
