@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from cosmoforge.cli.grpcauth import client_options, client_security, server_options, server_security
+
+T = TypeVar("T")
 
 
 def register(subparsers: Any) -> None:
@@ -130,50 +133,44 @@ def submit(args: argparse.Namespace) -> int:
         return 1
 
 
-def runs(args: argparse.Namespace) -> int:
+def _call(args: argparse.Namespace, call: Callable[[Any], Awaitable[T]]) -> T:
+    """`call` with a client of `--dispatcher`, its token and TLS from the flags or the
+    environment; raises CredentialsError or DispatcherError, which the commands print."""
     import asyncio
 
-    from cosmoforge.services.dispatcher.client import DispatcherClient, DispatcherError
+    from cosmoforge.services.dispatcher.client import DispatcherClient
+
+    security = client_security(args)
+
+    async def go() -> T:
+        async with DispatcherClient(args.dispatcher, security=security) as client:
+            return await call(client)
+
+    return asyncio.run(go())
+
+
+def runs(args: argparse.Namespace) -> int:
+    from cosmoforge.services.dispatcher.client import DispatcherError
     from cosmoforge.services.grpcbase import CredentialsError
 
     try:
-        security = client_security(args)
-    except CredentialsError as error:
+        statuses: list[dict[str, Any]] = _call(args, lambda client: client.list_runs())
+    except (CredentialsError, DispatcherError) as error:
         print(f"dispatcher: {error}", file=sys.stderr)
         return 1
-
-    async def go() -> list[dict[str, Any]]:
-        async with DispatcherClient(args.dispatcher, security=security) as client:
-            return await client.list_runs()
-
-    try:
-        for status in asyncio.run(go()):
-            print(status_line(status))
-    except DispatcherError as error:
-        print(f"dispatcher: {error}", file=sys.stderr)
-        return 1
+    for status in statuses:
+        print(status_line(status))
     return 0
 
 
 def cancel(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from cosmoforge.services.dispatcher.client import DispatcherClient, DispatcherError
+    from cosmoforge.services.dispatcher.client import DispatcherError
     from cosmoforge.services.grpcbase import CredentialsError
 
     try:
-        security = client_security(args)
-    except CredentialsError as error:
+        status: dict[str, Any] = _call(args, lambda client: client.cancel(args.run))
+    except (CredentialsError, DispatcherError) as error:
         print(f"dispatcher: {error}", file=sys.stderr)
         return 1
-
-    async def go() -> dict[str, Any]:
-        async with DispatcherClient(args.dispatcher, security=security) as client:
-            return await client.cancel(args.run)
-
-    try:
-        print(status_line(asyncio.run(go())))
-    except DispatcherError as error:
-        print(f"dispatcher: {error}", file=sys.stderr)
-        return 1
+    print(status_line(status))
     return 0
