@@ -1,6 +1,7 @@
 """MinHash dedup: recall and precision on planted near-duplicates, and the cost of our wrapping.
 
-Run: `python benchmarks/bench_dedup.py [--base 1500] [--copies 100] [--workers 2] [--seed 0]`
+Run: `python benchmarks/bench_dedup.py [--base 1500] [--copies 100] [--workers 2] [--seed 0]
+[--signature-docs 20000] [--no-pipeline]`
 
 The corpus is the clean text of `bench_decontam.py` (Wikipedia test articles from the gensim
 wheel, Python's documentation and docstrings, news articles), first deduplicated so that no
@@ -13,6 +14,14 @@ Throughput compares, on the same documents and MinHash parameters (5-grams, 14 b
 hashes), `cosmo dedup` (parquet in, parquet out, exact pass included) against plain datatrove
 as its documentation shows it: four `LocalPipelineExecutor` stages from a JSONL reader to
 JSONL writers, with as many tasks and workers as ours.
+
+The signature stage alone compares, in this one process (one core each, the same documents,
+start-up excluded: spaCy and the Unicode tables are loaded before the clock starts), datatrove's
+`MinhashDedupSignature` with `cosmoforge.postprocess.minhash_signature.write_signatures` on
+`--signature-docs` texts of 2-3 KB made of sentences drawn at random from the clean text (so
+enough distinct documents exist, with the corpus's vocabulary). Both write the same files for
+datatrove's later steps; the recall table above is then computed again for each signature path
+(exact pass, our or datatrove's signatures, datatrove's buckets and clustering).
 """
 
 from __future__ import annotations
@@ -28,8 +37,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -39,7 +49,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_decontam import clean_documents
 
 from cosmoforge.cli.main import main as cosmo
-from cosmoforge.postprocess.dedup import DedupConfig, deduplicate
+from cosmoforge.postprocess.dedup import DedupConfig, deduplicate, exact_groups
+from cosmoforge.postprocess.minhash_signature import write_signatures
 
 RATES = (0.0, 0.02, 0.05, 0.10, 0.20, 0.30, 0.50)
 INSERTS = "indeed also very quite rather simply just really".split()
@@ -170,6 +181,157 @@ def run_plain_datatrove(docs: list[str], folder: Path, workers: int) -> tuple[fl
     return elapsed, sorted(removed)
 
 
+# --- the signature stage alone -----------------------------------------------------------------
+
+
+def signature_corpus(pool: list[str], count: int, rng: random.Random) -> list[str]:
+    """`count` texts of 2-3 KB, each a run of sentences drawn at random from the clean text."""
+    sentences = [s.strip() + "." for doc in pool for s in doc.split(". ") if len(s.split()) >= 4]
+    docs = []
+    for _ in range(count):
+        target = rng.randint(2000, 3000)
+        parts: list[str] = []
+        size = 0
+        while size < target:
+            parts.append(rng.choice(sentences))
+            size += len(parts[-1]) + 1
+        docs.append(" ".join(parts))
+    return docs
+
+
+def datatrove_signer(config: Any) -> Callable[[list[str], Path, int], float]:
+    from datatrove.data import Document
+    from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
+
+    def sign(texts: list[str], folder: Path, rank: int) -> float:
+        """Seconds the step takes on `texts`, written as `rank` of `folder`."""
+        step = MinhashDedupSignature(output_folder=str(folder), config=config)
+        step.word_tokenizer.word_tokenize("warm up")  # spaCy loads on first use: start-up, not work
+        documents = [Document(text=text, id=str(row)) for row, text in enumerate(texts)]
+        started = time.perf_counter()
+        step.run(iter(documents), rank=rank, world_size=rank + 1)
+        return time.perf_counter() - started
+
+    return sign
+
+
+def numpy_signer(config: Any) -> Callable[[list[str], Path, int], float]:
+    write_signatures(["Warm up the Unicode tables, naïvely, with enough words."], tempfile.mkdtemp(), config)
+
+    def sign(texts: list[str], folder: Path, rank: int) -> float:
+        started = time.perf_counter()
+        write_signatures(texts, folder, config, rank=rank)
+        return time.perf_counter() - started
+
+    return sign
+
+
+def clusters_with(
+    sign: Callable[[list[str], Path, int], float], docs: list[str], folder: Path, config: Any
+) -> Any:
+    """(removed, cluster label, kept row) per row: exact pass, `sign`, datatrove's buckets and clusters."""
+    from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupCluster
+    from datatrove.utils.binaryio import read_tuples_from_file
+
+    first = exact_groups(docs)
+    reps = [row for row in range(len(docs)) if first[row] == row]
+    sign([docs[row] for row in reps], folder / "sigs", 0)
+    for bucket in range(config.num_buckets):
+        MinhashDedupBuckets(str(folder / "sigs"), str(folder / "buckets"), config=config).run(
+            None, rank=bucket, world_size=config.num_buckets
+        )
+    MinhashDedupCluster(
+        str(folder / "buckets"), str(folder / "clusters"), config=config, save_cluster_id=True
+    ).run(None, 0, 1)
+    minhash_cluster: dict[int, int] = {}
+    removed_reps: set[int] = set()
+    if (folder / "clusters" / "000000.clusters").exists():
+        with open(folder / "clusters" / "000000.clusters", "rb") as handle:
+            minhash_cluster = {reps[doc]: cid for doc, cid in read_tuples_from_file(handle, "I", "I")}
+    if (folder / "clusters" / "000000.remove").exists():
+        with open(folder / "clusters" / "000000.remove", "rb") as handle:
+            removed_reps = {reps[doc] for (doc,) in read_tuples_from_file(handle, "I")}
+    label = [
+        ("minhash", minhash_cluster[int(first[row])])
+        if int(first[row]) in minhash_cluster
+        else ("exact", first[row])
+        for row in range(len(docs))
+    ]
+    removed = [first[row] != row or row in removed_reps for row in range(len(docs))]
+    kept_of = {label[row]: row for row in range(len(docs)) if not removed[row]}
+    return removed, label, [kept_of.get(label[row], row) for row in range(len(docs))]
+
+
+def recall_table(docs: list[str], planted: dict[int, tuple[float, int]], outcome: Any) -> list[str]:
+    """Per edit rate the copies found (same cluster as their source), then precision, as cells."""
+    removed, label, kept_row = outcome
+    source_of = {row: source for row, (_, source) in planted.items()}
+    cells = []
+    for rate in RATES:
+        rows = [row for row, (r, _) in planted.items() if r == rate]
+        found = [r for r in rows if label[r] == label[source_of[r]]]
+        cells.append(f"{len(found):4} {len(found) / len(rows):6.1%}")
+    gone = [row for row in range(len(docs)) if removed[row]]
+    correct = [row for row in gone if source_of.get(kept_row[row], kept_row[row]) == source_of.get(row, row)]
+    cells.append(f"{len(correct)}/{len(gone)}")
+    return cells
+
+
+def compare_signatures(
+    docs: list[str], planted: dict[int, tuple[float, int]], count: int, seeds: list[int], rng: random.Random
+) -> None:
+    from datatrove.pipeline.dedup.minhash import MinhashConfig
+    from datatrove.utils.logging import logger
+
+    logger.disable("datatrove")  # `deduplicate` enables it again on its way out
+    config = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8, seed=1)
+    signers = {"datatrove": datatrove_signer(config), "ours": numpy_signer(config)}
+    texts = signature_corpus(clean_documents(random.Random(rng.random())), count, rng)
+    print()
+    print(
+        f"signature stage: {len(texts)} documents, {sum(map(len, texts)) / len(texts) / 1e3:.1f} KB "
+        f"on average, one core each, load average {os.getloadavg()[0]:.1f}"
+    )
+    # Slices of 1,000 documents, each signed by both in turn (as one more rank of their folder),
+    # so that a busy spell on the shared machine slows both alike.
+    elapsed = dict.fromkeys(signers, 0.0)
+    folder = Path(tempfile.mkdtemp(prefix="cosmoforge-bench-sig-"))
+    try:
+        for rank, start in enumerate(range(0, len(texts), 1000)):
+            order = list(signers) if rank % 2 == 0 else list(reversed(signers))
+            for name in order:
+                elapsed[name] += signers[name](texts[start : start + 1000], folder / name, rank)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    rates = {name: len(texts) / seconds for name, seconds in elapsed.items()}
+    for name in signers:
+        print(f"{name:>10}: {rates[name]:8.0f} docs/s ({elapsed[name]:.1f} s)")
+    print(f"ratio (ours / datatrove): {rates['ours'] / rates['datatrove']:.2f}x")
+
+    # Another permutation seed draws other hash functions: the spread between seeds of one path
+    # is the noise that a difference between the paths should be judged against.
+    columns = {}
+    for seed in seeds:
+        seeded = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8, seed=seed)
+        for name, make in (("datatrove", datatrove_signer), ("ours", numpy_signer)):
+            folder = Path(tempfile.mkdtemp(prefix="cosmoforge-bench-sig-"))
+            try:
+                with silent_stderr():  # datatrove's progress bars
+                    outcome = clusters_with(make(seeded), docs, folder, seeded)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            columns[f"{name} s{seed}"] = recall_table(docs, planted, outcome)
+    print()
+    print(
+        "copies found by signature path and seed (exact pass, signatures, datatrove's buckets and clusters)"
+    )
+    print("edit rate  copies" + "".join(f"  {title:>12}" for title in columns))
+    for row, rate in enumerate(RATES):
+        copies = sum(1 for r, _ in planted.values() if r == rate)
+        print(f"{rate:9.0%} {copies:7}" + "".join(f"  {cells[row]:>12}" for cells in columns.values()))
+    print(f"{'precision':>17}" + "".join(f"  {cells[-1]:>12}" for cells in columns.values()))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", type=int, default=1500)
@@ -177,6 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=2, help="timed runs of each; the best counts")
+    parser.add_argument("--signature-docs", type=int, default=20000, help="0 skips the signature stage")
+    parser.add_argument(
+        "--recall-seeds", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2], help="e.g. 1,2"
+    )
+    parser.add_argument("--no-pipeline", action="store_true", help="skip the end-to-end comparison")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     from datatrove.utils.logging import logger
@@ -190,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         f"load average {os.getloadavg()[0]:.1f}"
     )
     ours_times, plain_times = [], []
-    for _ in range(args.repeat):  # alternate, so a busy moment on the machine hits both
+    for _ in range(0 if args.no_pipeline else args.repeat):  # alternate, so a busy moment hits both
         folder = Path(tempfile.mkdtemp(prefix="cosmoforge-bench-dedup-"))
         try:
             ours_time, ours_removed, _ = run_ours(docs, folder, args.workers)
@@ -199,13 +366,13 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(folder, ignore_errors=True)
         ours_times.append(ours_time)
         plain_times.append(plain_time)
-    ours_time, plain_time = min(ours_times), min(plain_times)
 
     # Metrics from the library call that `cosmo dedup` makes, which also gives the cluster of
     # every kept row. A copy counts as found when it shares a cluster with its source, whichever
     # of the two was kept (the corpus is shuffled, so the copy may come first).
     result = deduplicate(docs, DedupConfig(), workers=args.workers)
-    assert sorted(ours_removed) == [row for row in range(len(docs)) if not result.kept[row]]
+    if not args.no_pipeline:
+        assert sorted(ours_removed) == [row for row in range(len(docs)) if not result.kept[row]]
     source_of = {row: source for row, (_, source) in planted.items()}
 
     def family(row: int) -> int:
@@ -227,6 +394,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"removed as: {dict(Counter(r for r in result.reason if r))}")
 
+    if args.signature_docs:
+        compare_signatures(docs, planted, args.signature_docs, args.recall_seeds, rng)
+    if args.no_pipeline:
+        return 0
+    ours_time, plain_time = min(ours_times), min(plain_times)
     print()
     best = f"best of {args.repeat}"
     print(

@@ -7,15 +7,24 @@ only the text, id and counted columns, and cosmoforge also counts tokens per sou
 audience. The dataset is shaped like a cosmoforge generation shard: lineage columns, the
 prompt (about as long as the text) and the text.
 
-Usage: python benchmarks/bench_tokenize.py [--docs 3000] [--repeats 3]
+Usage: python benchmarks/bench_tokenize.py [--docs 3000] [--repeats 3] [--ranks N]
 Prints tokens/s for each side and the ratio (ours / datatrove).
+
+With `--ranks N` it measures the Indexed Job path instead: N `cosmo tokenize --step tokenize`
+processes side by side, then `--step merge`, against the same two steps with one rank; each side
+is timed from the first process started to the merge's end, process start-up included, as a
+Job's pods pay it. Prints documents/s for both and the speed-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -171,10 +180,76 @@ def run_datatrove(dataset: Path, out: Path, tokenizer: str, eos: str, logs: Path
     return tokens, seconds, cpu_seconds
 
 
+def cosmo_tokenize(dataset: Path, out: Path, tokenizer: str, eos: str, *step: str) -> list[str]:
+    command = [sys.executable, "-m", "cosmoforge.cli.main", "tokenize", str(dataset), "--out", str(out)]
+    return [*command, "--tokenizer", tokenizer, "--eos-token", eos, "--seed", "1", *step]
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_ranks(dataset: Path, out: Path, tokenizer: str, eos: str, ranks: int) -> dict[str, float]:
+    """Documents, wall seconds of the ranks and of the merge, and CPU seconds of all processes."""
+    started, cpu = time.perf_counter(), children_cpu()
+    size = ["--world-size", str(ranks)]
+    processes = [
+        subprocess.Popen(
+            cosmo_tokenize(dataset, out, tokenizer, eos, "--step", "tokenize", *size, "--rank", str(rank)),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for rank in range(ranks)
+    ]
+    for process in processes:
+        _, stderr = process.communicate()
+        if process.returncode != 0:
+            raise SystemExit(f"a rank failed: {stderr.decode()[-2000:]}")
+    tokenized = time.perf_counter()
+    merge = cosmo_tokenize(dataset, out, tokenizer, eos, "--step", "merge", *size)
+    subprocess.run(merge, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ended = time.perf_counter()
+    return {
+        "documents": json.loads((out / "metrics.json").read_text())["documents"],
+        "ranks_s": tokenized - started,
+        "merge_s": ended - tokenized,
+        "wall_s": ended - started,
+        "cpu_s": children_cpu() - cpu,
+    }
+
+
+def bench_ranks(scratch: Path, dataset: Path, tokenizer: str, eos: str, args: argparse.Namespace) -> None:
+    runs: dict[int, list[dict[str, float]]] = {1: [], args.ranks: []}
+    for attempt in range(args.repeats):
+        # Alternate the order so neither side always runs on a warm page cache.
+        for ranks in (1, args.ranks) if attempt % 2 == 0 else (args.ranks, 1):
+            runs[ranks].append(
+                run_ranks(dataset, scratch / f"ranks-{ranks}-{attempt}", tokenizer, eos, ranks)
+            )
+    documents = {run["documents"] for side in runs.values() for run in side}
+    if len(documents) != 1:
+        raise SystemExit(f"document counts differ between runs: {sorted(documents)}")
+    count = documents.pop()
+
+    def median(ranks: int, key: str) -> float:
+        return statistics.median(run[key] for run in runs[ranks])
+
+    print(f"dataset: {args.docs} documents ({count:.0f} tokenized), median of {args.repeats} runs")
+    print(f"{'':28}{'docs/s (wall)':>15}{'docs/CPU-s':>12}{'ranks s':>10}{'merge s':>10}")
+    for ranks in runs:
+        label = f"{ranks} rank(s) + merge"
+        wall, cpu = count / median(ranks, "wall_s"), count / median(ranks, "cpu_s")
+        steps = f"{median(ranks, 'ranks_s'):10.2f}{median(ranks, 'merge_s'):10.2f}"
+        print(f"{label:28}{wall:15,.0f}{cpu:12,.0f}{steps}")
+    print(f"{'speed-up (wall)':28}{median(1, 'wall_s') / median(args.ranks, 'wall_s'):15.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=3000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ranks", type=int, default=0, help="compare N ranks + merge with 1 rank + merge")
     args = parser.parse_args()
 
     from loguru import logger
@@ -186,6 +261,9 @@ def main() -> None:
         dataset = scratch / "dataset"
         make_dataset(dataset, args.docs)
         tokenizer, eos = bench_tokenizer(scratch)
+        if args.ranks:
+            bench_ranks(scratch, dataset, tokenizer, eos, args)
+            return
         # Wall-clock rates, and rates per CPU-second (all threads of the process), which move
         # less when other work shares the machine.
         rates: dict[str, list[float]] = {"ours": [], "datatrove": [], "ours_cpu": [], "datatrove_cpu": []}

@@ -136,6 +136,11 @@ class KubeApi:
         return result
 
     def patch(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A merge patch; one that changes `spec` bumps `metadata.generation`, as the API server does."""
+        current = self.get(path) if "spec" in body and not path.endswith("/status") else None
+        if current is not None and current.get("spec") != body["spec"]:
+            generation = int(current.get("metadata", {}).get("generation") or 1) + 1
+            body = {**body, "metadata": {**body.get("metadata", {}), "generation": generation}}
         headers = {"Content-Type": "application/merge-patch+json"}
         response = self.http.patch(self.url + path, json=body, headers=headers)
         response.raise_for_status()
@@ -160,6 +165,11 @@ def deployments_path(namespace: str, name: str | None = None) -> str:
 
 def services_path(namespace: str, name: str | None = None) -> str:
     path = f"/api/v1/namespaces/{namespace}/services"
+    return f"{path}/{name}" if name else path
+
+
+def pods_path(namespace: str, name: str | None = None) -> str:
+    path = f"/api/v1/namespaces/{namespace}/pods"
     return f"{path}/{name}" if name else path
 
 

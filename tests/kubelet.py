@@ -7,7 +7,9 @@ them: an Indexed Job one pod per completion index (`JOB_COMPLETION_INDEX`), a wo
 `parallelism` pods; a failed pod is replaced until `backoffLimit`, an exit code named by a
 `FailJob` rule of the pod failure policy fails the Job at once, and the Job's status gets
 `succeeded`/`failed` counts and the `Complete`/`Failed` condition, which is what the operator
-reads. Deleting a Job or a Deployment ends its pods.
+reads. A Job's failed pod is recorded as a Pod object whose container status ends with the tail
+of its log, as FallbackToLogsOnError has Kubernetes keep it. Deleting a Job or a Deployment ends
+its pods.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kopf.testing import KopfRunner
-from kubeapi import KubeApi, deployments_path, jobs_path
+from kubeapi import KubeApi, deployments_path, jobs_path, pods_path
 
 from conftest import COSMO
 from cosmoforge.operator.handlers import registry
@@ -157,6 +159,7 @@ class Kubelet:
                 run.succeeded.add(pod.index if pod.index is not None else len(run.succeeded))
             else:
                 run.failed += 1
+                self._record_failure(name, container["name"], pod, code)
                 if code in fail_codes:
                     return self._finish(name, job, run, ok=False)
         run.pods = alive
@@ -184,6 +187,21 @@ class Kubelet:
         extra = {"JOB_COMPLETION_INDEX": str(index)} if index is not None else {}
         process = self._start(container, job, extra)
         return Pod(f"{job}-{self.started}", process, index)
+
+    def _record_failure(self, job: str, container: str, pod: Pod, code: int) -> None:
+        # Kubernetes keeps at most the last 2048 bytes of the log as the termination message.
+        tail = (self.folder / f"{pod.name}.log").read_bytes()[-2048:].decode(errors="replace")
+        ended = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        terminated = {"exitCode": code, "message": tail, "finishedAt": ended}
+        status = {
+            "phase": "Failed",
+            "containerStatuses": [{"name": container, "state": {"terminated": terminated}}],
+        }
+        metadata = {"name": pod.name, "namespace": self.namespace, "labels": {"job-name": job}}
+        self.api.create(
+            pods_path(self.namespace),
+            {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "status": status},
+        )
 
     def _finish(self, name: str, job: dict[str, Any], run: JobRun, ok: bool) -> None:
         run.over = True

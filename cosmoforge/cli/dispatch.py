@@ -48,7 +48,7 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=runs)
 
     p = subparsers.add_parser("cancel", parents=[client], help="cancel a run on a dispatcher")
-    p.add_argument("run")
+    p.add_argument("run", help="the run's key as `cosmo runs` lists it: <namespace>/<name>, or <name>")
     p.add_argument("--dispatcher", required=True, metavar="HOST:PORT")
     p.set_defaults(func=cancel)
 

@@ -290,6 +290,8 @@ def postprocess(run: GenerationRun, store: RunStore, console: Console, summary: 
     spec = run.spec.postprocess
     for stage in post_stages(run.spec):
         source, out = store.url(stage.input), store.url(stage.output)
+        if stage.name == "compact":
+            continue  # done by the driver as generation ended, where it also counted the outcome
         if stage.name == "dedup":
             minhash = dedup.DedupConfig(
                 ngram=spec.dedup.ngram,

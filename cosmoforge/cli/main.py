@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "cosmoforge.cli.cluster",
     "cosmoforge.cli.operator",
     "cosmoforge.cli.dispatch",
+    "cosmoforge.cli.compact",
     "cosmoforge.cli.postprocess",
     "cosmoforge.cli.publish",
 ]

@@ -13,6 +13,7 @@ message and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -105,7 +106,12 @@ def _register_submit(subparsers: Any) -> None:
         "fails the command; the run's task stream is removed once the outputs are written.",
     )
     parser.add_argument("--out", required=True, help="the run's output URI (parent of the run folder)")
-    parser.add_argument("--run", required=True, help="run name; the spec is read from <out>/<run>/spec.yaml")
+    parser.add_argument(
+        "--run",
+        required=True,
+        help="run key (<namespace>/<name> for an operator run, else the name); "
+        "the spec is read from <out>/<run>/spec.yaml",
+    )
     parser.add_argument(
         "--nats", help="NATS URL (JetStream enabled); with --spawn, default: an embedded server"
     )
@@ -157,7 +163,11 @@ def _register_worker(subparsers: Any, log_format: argparse.ArgumentParser) -> No
         "the task in hand.",
     )
     parser.add_argument("--nats", required=True, help="NATS URL")
-    parser.add_argument("--run", required=True, help="run name (names the task stream)")
+    parser.add_argument(
+        "--run",
+        required=True,
+        help="run key (<namespace>/<name> for an operator run, else the name): names the task stream",
+    )
     parser.add_argument(
         "--out", help="the run's output URI: build the index from <out>/<run>/spec.yaml before the first task"
     )
@@ -188,6 +198,26 @@ def _register_dedup(subparsers: Any) -> None:
     parser.add_argument("--hashes-per-bucket", type=int, default=8, help="hashes per band (default: 8)")
     parser.add_argument("--workers", type=int, default=1, help="processes for the MinHash steps (default: 1)")
     parser.add_argument("--no-exact", action="store_true", help="skip exact (content hash) dedup")
+    parser.add_argument(
+        "--step",
+        # dedup_ranks.STEPS, spelled out so that --help does not import numpy and datatrove
+        choices=("signatures", "buckets", "cluster", "filter", "finish"),
+        help="run one rank of one step (an Indexed Job's pod) instead of everything here; steps hand "
+        "their files on under OUT/.work/ and finish writes OUT's files (--workers is ignored)",
+    )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="ranks of this step: N for signatures and filter, --buckets for buckets, 1 for cluster and "
+        "finish (default: those, N=1 for signatures and the signatures' N for filter)",
+    )
+    parser.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="this pod's rank (default: $JOB_COMPLETION_INDEX, else 0)",
+    )
     parser.set_defaults(func=run_dedup)
 
 
@@ -334,7 +364,8 @@ def run_decontaminate_worker(args: argparse.Namespace) -> int:
 
 
 def run_dedup(args: argparse.Namespace) -> int:
-    from cosmoforge.postprocess.stages import dedup, dedup_dataset
+    from cosmoforge.postprocess import dedup, dedup_ranks
+    from cosmoforge.postprocess.stages import dedup_dataset
     from cosmoforge.tables import TableError
 
     try:
@@ -346,7 +377,16 @@ def run_dedup(args: argparse.Namespace) -> int:
         )
         if args.workers < 1:
             raise dedup.DedupError(f"--workers must be at least 1, got {args.workers}")
-        counts = dedup_dataset(args.input, args.out, config, args.text_field, args.workers)
+        if args.step:
+            rank = _rank(args.rank)
+            counts = dedup_ranks.run_step(
+                args.step, args.input, args.out, config, rank, args.world_size, args.text_field
+            )
+            if args.step != "finish":
+                print(f"dedup {args.step}: rank {rank} of {counts['world_size']} done; wrote {args.out}")
+                return 0
+        else:
+            counts = dedup_dataset(args.input, args.out, config, args.text_field, args.workers)
     except (TableError, dedup.DedupError, OSError) as error:
         return _fail("dedup", error)
     print(
@@ -355,3 +395,15 @@ def run_dedup(args: argparse.Namespace) -> int:
         f"{counts['removed_minhash']} near duplicates in {counts['clusters']} clusters; wrote {args.out}"
     )
     return 0
+
+
+def _rank(given: int | None) -> int:
+    """The pod's rank: --rank, else the index Kubernetes gives each pod of an Indexed Job."""
+    from cosmoforge.postprocess.dedup import DedupError
+
+    if given is not None:
+        return given
+    index = os.environ.get("JOB_COMPLETION_INDEX", "0")
+    if not index.isdigit():
+        raise DedupError(f"JOB_COMPLETION_INDEX is {index!r}, not a rank")
+    return int(index)

@@ -8,6 +8,7 @@ stay inside the command functions so `cosmo --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -22,18 +23,49 @@ def _fail(command: str, error: Exception) -> int:
 def _tokenize(args: argparse.Namespace) -> int:
     from cosmoforge.training import TrainingError
     from cosmoforge.training.tokenize import tokenize_dataset
+    from cosmoforge.training.tokenize_ranks import merge_ranks, tokenize_rank
 
     try:
-        result = tokenize_dataset(
-            args.dataset,
-            args.out,
-            tokenizer=args.tokenizer,
-            text_field=args.text_field,
-            eos_token=args.eos_token,
-            workers=args.workers,
-            seed=args.seed,
-            overwrite=args.overwrite,
-        )
+        if args.step is None and args.world_size != 1:
+            raise TrainingError("--world-size needs --step tokenize or --step merge")
+        if args.step == "tokenize":
+            rank = tokenize_rank(
+                args.dataset,
+                args.out,
+                tokenizer=args.tokenizer,
+                rank=_rank(args.rank),
+                world_size=args.world_size,
+                text_field=args.text_field,
+                eos_token=args.eos_token,
+                seed=args.seed,
+                overwrite=args.overwrite,
+            )
+            start, stop = rank.rows
+            print(
+                f"rank {rank.rank} of {rank.world_size}: rows {start}..{stop}, {rank.documents} documents -> "
+                f"{rank.tokens} tokens; run `--step merge` once every rank is done"
+            )
+            return 0
+        if args.step == "merge":
+            result = merge_ranks(
+                args.dataset,
+                args.out,
+                tokenizer=args.tokenizer,
+                world_size=args.world_size,
+                eos_token=args.eos_token,
+                seed=args.seed,
+            )
+        else:
+            result = tokenize_dataset(
+                args.dataset,
+                args.out,
+                tokenizer=args.tokenizer,
+                text_field=args.text_field,
+                eos_token=args.eos_token,
+                workers=args.workers,
+                seed=args.seed,
+                overwrite=args.overwrite,
+            )
     except TrainingError as error:
         return _fail("tokenize", error)
     print(
@@ -43,6 +75,18 @@ def _tokenize(args: argparse.Namespace) -> int:
     for group, counts in result.tokens_by.items():
         print(f"  tokens by {group}: " + ", ".join(f"{name}={count}" for name, count in counts.items()))
     return 0
+
+
+def _rank(given: int | None) -> int:
+    """--rank, else the index Kubernetes gives each pod of an Indexed Job, else 0."""
+    from cosmoforge.training import TrainingError
+
+    if given is not None:
+        return given
+    index = os.environ.get("JOB_COMPLETION_INDEX", "0")
+    if not index.isdigit():
+        raise TrainingError(f"JOB_COMPLETION_INDEX={index!r} is not a rank: pass --rank")
+    return int(index)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -116,6 +160,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def register(subparsers: Any) -> None:
     tokenize = subparsers.add_parser(
         "tokenize",
@@ -137,6 +188,22 @@ def register(subparsers: Any) -> None:
     tokenize.add_argument("--workers", type=_positive, default=1, help="parallel tokenizer processes")
     tokenize.add_argument("--seed", type=int, default=42, help="document shuffling seed")
     tokenize.add_argument("--overwrite", action="store_true", help="replace token files already in --out")
+    tokenize.add_argument(
+        "--step",
+        choices=("tokenize", "merge"),
+        default=None,
+        help="run as ranks of a job: `tokenize` on every rank, then `merge` once (default: one process)",
+    )
+    tokenize.add_argument(
+        "--world-size", type=_positive, default=1, metavar="N", help="number of tokenize ranks (with --step)"
+    )
+    tokenize.add_argument(
+        "--rank",
+        type=_non_negative,
+        default=None,
+        metavar="R",
+        help="this rank, 0..N-1, for --step tokenize (default: $JOB_COMPLETION_INDEX, else 0)",
+    )
     tokenize.set_defaults(func=_tokenize)
 
     train = subparsers.add_parser(

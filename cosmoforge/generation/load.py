@@ -18,9 +18,11 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from cosmoforge.queue import topology
+
 
 def load_subject(run: str) -> str:
-    return f"cosmo.{run}.load"
+    return f"cosmo.{topology.subject_token(run)}.load"
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from typing import Any
 import kopf
 
 from cosmoforge.operator.children import adopt_and_apply
-from cosmoforge.operator.kube import JOB, Kube
-from cosmoforge.operator.progress import JobState, is_true, job_state, next_step, set_condition
+from cosmoforge.operator.kube import JOB, POD, Kube
+from cosmoforge.operator.progress import JobState, failure_line, is_true, job_state, next_step, set_condition
 from cosmoforge.operator.render import (
     COMPONENT_LABEL,
     MANAGED_BY,
@@ -42,6 +42,11 @@ async def stage_jobs_by_component(kube: Kube, run: GenerationRun, namespace: str
     }
 
 
+async def why_failed(kube: Kube, namespace: str, job: str) -> str:
+    """The failed command's own last line, from its pods (Kubernetes labels them `job-name`)."""
+    return failure_line(await kube.list(POD, namespace, {"job-name": job})) or "see its pods' logs"
+
+
 async def advance(
     body: kopf.Body,
     kube: Kube,
@@ -65,7 +70,9 @@ async def advance(
         if await kube.delete(JOB, namespace, child_name(run.name, part)):
             logger.info(f"deleted Job {child_name(run.name, part)} ({part} of a stage that is over or idle)")
     if step.failed is not None:
-        message = f"stage {step.failed.name} failed: see Job {child_name(run.name, step.failed_part)}"
+        failed_job = child_name(run.name, step.failed_part)
+        reason = await why_failed(kube, namespace, failed_job)
+        message = f"stage {step.failed.name} failed (Job {failed_job}): {reason}"
         kopf.warn(body, reason="StageFailed", message=message)
         return Phase.failed, set_condition(conditions, "Failed", True, "StageFailed", message)
     if step.start is not None and not run.spec.suspend:
@@ -101,7 +108,9 @@ async def cluster_first(
     for stage, source in zip(planned, clustering_sources(run), strict=True):
         state = jobs.get(stage.name, JobState.missing)
         if state == JobState.failed:
-            message = f"clustering {source.name} failed: see Job {child_name(run.name, stage.name)}"
+            failed_job = child_name(run.name, stage.name)
+            reason = await why_failed(kube, namespace, failed_job)
+            message = f"clustering {source.name} failed (Job {failed_job}): {reason}"
             kopf.warn(body, reason="StageFailed", message=message)
             return Phase.failed, set_condition(conditions, "Failed", True, "StageFailed", message)
         if state == JobState.succeeded:

@@ -3,6 +3,8 @@
 Registration is one small function so that everything else in the operator can be tested
 without a dispatcher; the queue probe reads the run's JetStream consumer (pending + in flight)
 that drives autoscaling, and owns the stream topology so that workers never create it.
+Every call names the run by its key (`render.run_key`: `<namespace>/<name>`), never by its name
+alone: the same name in two namespaces is two runs.
 """
 
 from __future__ import annotations
@@ -39,6 +41,17 @@ async def dispatcher_status(target: str, run: str) -> dict[str, Any]:
     client = DispatcherClient(target)
     try:
         return dict(await client.get_status(run))
+    finally:
+        await _close(client)
+
+
+async def cancel_run(target: str, run: str) -> dict[str, Any]:
+    """Stop the run at the dispatcher (its queued prompts dropped, its data kept)."""
+    from cosmoforge.services.dispatcher.client import DispatcherClient
+
+    client = DispatcherClient(target)
+    try:
+        return dict(await client.cancel(run))
     finally:
         await _close(client)
 
@@ -81,7 +94,18 @@ class QueueProbe:
     async def ensure_topology(self, run: GenerationRun) -> None:
         """The run's work-queue stream and the generators' durable consumer, created once, with
         the same limits the dispatcher gives it (`queue.consumer_limits`)."""
-        await queue.ensure_generation_queue(await self._js(), run.name, run.spec.generation)
+        key = queue.run_key(run.metadata.namespace, run.name)
+        await queue.ensure_generation_queue(await self._js(), key, run.spec.generation)
+
+    async def remove(self, run: str) -> bool:
+        """Delete the run's stream (prompts still queued go with it); False if there was none.
+
+        Deleting, not purging, also forgets the duplicate window, so a run created again under
+        the same key may queue the same prompt ids."""
+        try:
+            return bool(await (await self._js()).delete_stream(queue.stream_name(run)))
+        except NotFoundError:
+            return False
 
     async def loads(self, run: str) -> list[WorkerLoad]:
         """What the run's generator workers say about their servers (`generation/load.py`)."""

@@ -3,7 +3,9 @@
 `registry(settings)` builds a kopf registry holding every handler; `cosmo operator` builds it
 from the environment at start-up (`operator.main`), tests from settings they choose. Creation,
 resumption, spec changes and the timer all run the same level-based `reconcile`; deletion
-removes the children and never the data in object storage.
+cancels the run at the dispatcher, deletes its stream and its children, and never touches the
+data in object storage. The finalizer holds the object until that is done, so a run created
+again under the same name meets no predecessor still queuing under its key.
 """
 
 from __future__ import annotations
@@ -15,15 +17,22 @@ from typing import Any
 import kopf
 
 from cosmoforge.operator.children import delete_all
-from cosmoforge.operator.dispatch import QueueProbe
+from cosmoforge.operator.dispatch import QueueProbe, cancel_run
 from cosmoforge.operator.kube import Kube
-from cosmoforge.operator.reconcile import namespace_of, reconcile
+from cosmoforge.operator.progress import condition
+from cosmoforge.operator.reconcile import CONFLICT, error_code, namespace_of, reconcile
+from cosmoforge.operator.render import Platform
 from cosmoforge.operator.settings import OperatorSettings
+from cosmoforge.queue import run_key
 from cosmoforge.spec.crd import PLURAL
 from cosmoforge.spec.model import API_GROUP, API_VERSION
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 FINALIZER = f"{API_GROUP}/finalizer"
+# Deletion waits this many tries for an unreachable dispatcher or NATS, then lets the object go:
+# a run that could not be cancelled shows up as a SpecConflict if its name is used again.
+DELETE_RETRIES = 5
+DELETE_RETRY_SECONDS = 5.0
 
 _connection: dict[str, kopf.ConnectionInfo] = {}
 
@@ -69,10 +78,37 @@ async def follow_run(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger
     await reconcile(body, patch, memo, logger)
 
 
-async def remove_children(body: kopf.Body, memo: kopf.Memo, logger: Logger, **_: Any) -> None:
-    """Stop the work: delete every child. Prompts, shards and datasets in storage stay."""
+async def remove_run(body: kopf.Body, memo: kopf.Memo, logger: Logger, retry: int = 0, **_: Any) -> None:
+    """Stop the work: cancel the run at the dispatcher, delete its stream and every child.
+    Prompts, shards and datasets in storage stay."""
+    key = run_key(namespace_of(body), body.metadata.name)
+    registered = condition(list((body.get("status") or {}).get("conditions") or []), "Registered")
+    # A run that failed on a conflict never owned the key: what runs under it is another's.
+    owned = registered is None or registered.get("reason") != CONFLICT
+    try:
+        if owned:
+            await stop_queuing(key, memo.platform, memo.queue, logger)
+    except Exception as error:
+        if retry + 1 < DELETE_RETRIES:
+            message = f"cannot cancel {key} yet: {error!r}"
+            raise kopf.TemporaryError(message, delay=DELETE_RETRY_SECONDS) from error
+        logger.warning(f"{key} may still be queued: {error!r}; deleting the GenerationRun anyway")
     removed = await delete_all(memo.kube, body, namespace_of(body))
-    logger.info(f"removed {removed} children of {body.metadata.name}; its data stays in storage")
+    logger.info(f"removed {removed} children of {key}; its data stays in storage")
+
+
+async def stop_queuing(key: str, platform: Platform, probe: QueueProbe, logger: Logger) -> None:
+    """Cancel at the dispatcher (nothing to do for a run it does not know or that is over),
+    then delete the stream: a finished run's empty stream has no use either."""
+    if platform.dispatcher:
+        try:
+            await cancel_run(platform.dispatcher, key)
+            logger.info(f"cancelled {key} at the dispatcher")
+        except Exception as error:
+            if error_code(error) not in ("NOT_FOUND", "FAILED_PRECONDITION"):
+                raise
+    if await probe.remove(key):
+        logger.info(f"deleted the stream of {key}")
 
 
 def registry(settings: OperatorSettings, into: kopf.OperatorRegistry | None = None) -> kopf.OperatorRegistry:
@@ -88,5 +124,5 @@ def registry(settings: OperatorSettings, into: kopf.OperatorRegistry | None = No
     kopf.on.update(*resource, field="spec", registry=reg)(apply_run)
     interval = settings.interval
     kopf.timer(*resource, interval=interval, initial_delay=interval, registry=reg)(follow_run)
-    kopf.on.delete(*resource, registry=reg)(remove_children)
+    kopf.on.delete(*resource, registry=reg)(remove_run)
     return reg

@@ -55,6 +55,7 @@ DEPLOYMENT = Kind("apps/v1", "Deployment", "deployments")
 SERVICE = Kind("v1", "Service", "services")
 JOB = Kind("batch/v1", "Job", "jobs")
 SCALED_OBJECT = Kind("keda.sh/v1alpha1", "ScaledObject", "scaledobjects", optional=True)
+POD = Kind("v1", "Pod", "pods")  # read only: a failed stage's pods say why it failed
 CHILD_KINDS = (DEPLOYMENT, SERVICE, JOB, SCALED_OBJECT)
 
 
@@ -221,6 +222,7 @@ def operator_rules(keda: bool = True, events: bool = True) -> list[dict[str, lis
         {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": children},
         {"apiGroups": [""], "resources": ["services"], "verbs": children},
         {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "create", "delete"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},  # why a stage failed
     ]
     if keda:
         rules.append({"apiGroups": ["keda.sh"], "resources": ["scaledobjects"], "verbs": children})

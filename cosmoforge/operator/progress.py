@@ -15,6 +15,7 @@ from typing import Any
 
 from cosmoforge.operator.render import Stage
 from cosmoforge.queue.state import QueueState
+from cosmoforge.redaction import redact_urls
 from cosmoforge.spec.model import Phase
 
 TERMINAL = frozenset({Phase.succeeded, Phase.failed, Phase.cancelled})
@@ -202,6 +203,25 @@ def next_step(
             return Step(stage.phase, pool=stage, stop=tuple(stop))
         return Step(stage.phase, stop=tuple(stop))
     return Step(Phase.succeeded, stop=tuple(stop))
+
+
+FAILURE_LINE_CHARS = 400
+
+
+def failure_line(pods: Sequence[Mapping[str, Any]]) -> str | None:
+    """Why a stage's Job failed, in the command's own words: the last line of the newest failed
+    container's termination message (its log's tail, as FallbackToLogsOnError keeps it)."""
+    ended = [
+        (state.get("finishedAt") or "", state.get("message") or "")
+        for pod in pods
+        for status in (pod.get("status") or {}).get("containerStatuses") or []
+        if (state := (status.get("state") or {}).get("terminated") or {}) and state.get("exitCode")
+    ]
+    for _, message in sorted(ended, reverse=True):
+        lines = [line.strip() for line in message.splitlines() if line.strip()]
+        if lines:
+            return redact_urls(lines[-1])[:FAILURE_LINE_CHARS]
+    return None
 
 
 def now_text() -> str:

@@ -5,6 +5,11 @@ which recomputes the run's state from what it observes (the spec, the children, 
 dispatcher, the stages recorded in status) and converges the children towards it. That makes
 the operator idempotent by construction: an operator restart, a replayed watch event or a child
 deleted by hand lead to the same result. Data in object storage is never deleted here.
+
+Outside Kubernetes the run is its key, `<namespace>/<name>` (`render.run_key`): the dispatcher,
+the queue and storage know it by that. A dispatcher that already runs the key with another spec
+(the run was created again while its predecessor could not be cancelled) fails the run with a
+`Registered=False/SpecConflict` condition instead of being asked again on every pass.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from cosmoforge.operator.render import (
     with_topics_from,
     workloads,
 )
+from cosmoforge.operator.render.common import run_key
 from cosmoforge.queue.state import QueueState
 from cosmoforge.runs.plan import assumptions_of, estimate
 from cosmoforge.spec.model import GenerationRun, Phase, SpecError, dump_run
@@ -59,6 +65,11 @@ from cosmoforge.spec.validation import validate_document_async
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 Conditions = list[dict[str, Any]]
+CONFLICT = "SpecConflict"
+
+
+class SpecConflict(Exception):
+    """The dispatcher runs the run's key with another spec and refuses this one."""
 
 
 async def reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Logger) -> None:
@@ -132,6 +143,9 @@ async def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger
     except SpecError as error:
         reject(body, patch, conditions, error.problems, logger)
         return
+    except SpecConflict as error:
+        conflict(body, patch, conditions, str(error), logger)
+        return
     generation, conditions = _generation(body, queue_state, registered, dispatched, conditions)
     units = await _converge_workloads(body, kube, run, platform, generation, memo)
 
@@ -160,7 +174,7 @@ async def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger
         trained = await training_status(run, platform, logger)
         if trained:
             patch.status["training"] = trained
-    export_costs(run.name, generation.counts, costs)
+    export_costs(run_key(run), generation.counts, costs)
     if phase != phase_of(status):
         kopf.info(body, reason="Phase", message=f"{phase_of(status)} -> {phase}")
 
@@ -185,6 +199,8 @@ async def _accept(
     valid = condition(conditions, "Valid")
     if phase == Phase.failed and valid is not None and valid.get("status") == "False":
         phase = Phase.pending  # the spec was fixed: start over
+    if phase == Phase.failed and conflict_resolved(conditions, body.metadata.get("generation"), status):
+        phase = Phase.pending
     conditions = set_condition(conditions, "Valid", True, "SpecAccepted", "the spec is valid")
     return run, phase, conditions
 
@@ -234,6 +250,29 @@ async def _converge_workloads(
     return units
 
 
+def conflict_resolved(conditions: Conditions, generation: int | None, status: Mapping[str, Any]) -> bool:
+    """A run failed on a spec conflict is registered once more after its spec changes, never
+    on a timer: the dispatcher would refuse the same spec again and again."""
+    registered = condition(conditions, "Registered")
+    if registered is None or registered.get("reason") != CONFLICT:
+        return False
+    return generation is not None and generation != status.get("observedGeneration")
+
+
+def conflict(
+    body: kopf.Body, patch: kopf.Patch, conditions: Conditions, message: str, logger: Logger
+) -> None:
+    """The dispatcher keeps another spec under this run's key: phase Failed, a condition and an
+    event that say what to do; the operator does not ask again until the spec changes."""
+    logger.warning(message)
+    patch.status["phase"] = Phase.failed.value
+    patch.status["conditions"] = set_condition(conditions, "Registered", False, CONFLICT, message)
+    generation = body.metadata.get("generation")
+    if generation is not None:
+        patch.status["observedGeneration"] = generation
+    kopf.warn(body, reason=CONFLICT, message=message)
+
+
 def reject(
     body: kopf.Body,
     patch: kopf.Patch,
@@ -253,10 +292,11 @@ async def observe_queue(
     probe: QueueProbe, run: GenerationRun, owns_queue: bool, logger: Logger
 ) -> QueueState | None:
     """The run's queue; without a dispatcher the operator owns its stream and consumer."""
+    key = run_key(run)
     try:
         if owns_queue:
             await probe.ensure_topology(run)
-        return await probe.state(run.name)
+        return await probe.state(key)
     except Exception as error:  # NATS down or restarting: keep replicas, try again next tick
         logger.warning(f"queue of {run.name} unreachable: {error!r}")
         await probe.close()
@@ -269,15 +309,18 @@ async def register(
     """Register the run with the dispatcher once, then read its status on every pass.
 
     A dispatcher that no longer knows the run gets it again: starting a known run resumes it,
-    and nothing already generated is queued twice. A spec the dispatcher refuses fails the run.
+    and nothing already generated is queued twice. A spec the dispatcher refuses fails the run,
+    and so does another spec already active under the key (SpecConflict): asking again would
+    not change the answer. Only an unreachable dispatcher is asked again on the next pass.
     """
     if not platform.dispatcher:
         conditions = set_condition(conditions, "Registered", True, "NoDispatcher", "queue fed externally")
         return True, None, conditions
     status: dict[str, Any] | None = None
+    key = run_key(run)
     if is_true(conditions, "Registered"):
         try:
-            status = await dispatcher_status(platform.dispatcher, run.name)
+            status = await dispatcher_status(platform.dispatcher, key)
         except Exception as error:
             if error_code(error) != "NOT_FOUND":
                 logger.warning(f"dispatcher status for {run.name} failed: {error!r}")
@@ -291,12 +334,23 @@ async def register(
             if error_code(error) == "INVALID_ARGUMENT":
                 problems = getattr(error, "problems", None) or [("spec", str(error))]
                 raise SpecError("dispatcher", list(problems)) from error
+            if error_code(error) == "FAILED_PRECONDITION":
+                raise SpecConflict(conflict_message(key, getattr(error, "details", str(error)))) from error
             logger.warning(f"registering {run.name} with the dispatcher failed: {error!r}")
             reason = "DispatcherUnavailable"
             conditions = set_condition(conditions, "Registered", False, reason, str(error)[:500])
             return False, None, conditions
         conditions = set_condition(conditions, "Registered", True, "Dispatched", platform.dispatcher)
     return True, status, conditions
+
+
+def conflict_message(key: str, details: str) -> str:
+    """One line for the condition and the event: what the dispatcher said, and the way out."""
+    first = (details.splitlines() or [""])[0][:300]
+    return (
+        f"the dispatcher refused {key}: {first}. Cancel it there (`cosmo cancel {key}`) or wait "
+        "for it to end, then change this spec or create the GenerationRun again"
+    )
 
 
 def error_code(error: Exception) -> str:
@@ -314,7 +368,7 @@ async def observe_saturation(probe: QueueProbe, run: GenerationRun) -> float | N
     if scaling.mode != "builtin" or scaling.signal != "saturation" or not deploys_server(run):
         return None
     try:
-        return saturated_share(await probe.loads(run.name))
+        return saturated_share(await probe.loads(run_key(run)))
     except Exception as error:  # NATS away: the queue probe reports it; scale on depth meanwhile
         logging.getLogger(__name__).warning(f"load of {run.name}'s workers unknown: {error!r}")
         return None
@@ -397,7 +451,7 @@ async def training_status(run: GenerationRun, platform: Platform, logger: Logger
         from cosmoforge.storage import RunStore
         from cosmoforge.training.metrics import training_summary
 
-        store = RunStore.open(output_uri(run, platform), run.name)
+        store = RunStore.open(output_uri(run, platform), run_key(run))
         texts = [store.read_text(path) for path in ("checkpoints/progress.json", "eval/results.json")]
         progress, results = (json.loads(text) if text else None for text in texts)
         return training_summary(progress, results)

@@ -6,9 +6,10 @@ pipeline; this module runs it on a table and says, row by row, what was removed 
 
 1. exact: rows whose text has the same xxh3-128 hash of its UTF-8 bytes form one group; the
    first row is kept (empty texts are one such group, like any other identical text);
-2. MinHash on the first row of every group, with datatrove 0.9's four steps unchanged:
-   signatures (word 5-grams after datatrove's text simplification, which lowercases, drops
-   punctuation and turns every number into 0; 14 buckets x 8 hashes), buckets (rows sharing
+2. MinHash on the first row of every group, with datatrove 0.9's four steps: signatures
+   (word 5-grams after datatrove's text simplification, which lowercases, drops punctuation
+   and turns every number into 0; 14 buckets x 8 hashes; written in datatrove's files by
+   `minhash_signature`, vectorized, in place of datatrove's per-shingle loop), buckets (rows sharing
    a whole bucket are duplicate pairs), clusters (union-find over the pairs) and filter (one
    row per cluster is kept, the cluster's root). A text with fewer words than the n-gram has
    no signature and is only ever an exact duplicate.
@@ -17,12 +18,14 @@ The steps run in this process (workers=1), or as datatrove ranks in forked worke
 signatures and filtering split the rows into `workers` shards, buckets run one task per
 bucket; clustering is one task, as datatrove requires. Forking needs no `__main__` guard, so
 the same call works from the CLI, from tests and from a service.
+
+For inputs that do not fit one machine, `dedup_ranks` runs the same steps as ranks of
+Kubernetes Indexed Jobs (`cosmo dedup --step`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import itertools
 import multiprocessing
@@ -41,6 +44,7 @@ HASHES_PER_BUCKET = 8
 
 EXACT = "exact"
 MINHASH = "minhash"
+COLUMNS = ("dedup_reason", "dedup_cluster", "dedup_kept_row")  # what dedup adds to removed rows
 
 
 class DedupError(ValueError):
@@ -97,23 +101,7 @@ def exact_groups(texts: Sequence[str]) -> np.ndarray:
 # --- MinHash through datatrove's steps -------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
-def _word_tokenizer() -> Any:
-    """datatrove's English word tokenizer (spaCy), loaded once and before any fork.
-
-    Loading costs seconds (spaCy, and a scan of installed distributions); forked workers
-    inherit the loaded one instead of each paying again.
-    """
-    import importlib.metadata  # noqa: F401 - datatrove's dependency check uses it without importing it
-
-    from datatrove.utils.word_tokenizers import load_word_tokenizer
-
-    tokenizer = load_word_tokenizer("en")
-    tokenizer.word_tokenize("warm up")
-    return tokenizer
-
-
-def _minhash_config(config: DedupConfig) -> Any:
+def minhash_config(config: DedupConfig) -> Any:
     from datatrove.pipeline.dedup.minhash import MinhashConfig
 
     return MinhashConfig(
@@ -122,6 +110,18 @@ def _minhash_config(config: DedupConfig) -> Any:
         hashes_per_bucket=config.hashes_per_bucket,
         seed=config.seed,
     )
+
+
+def signature_step(output_folder: str, config: DedupConfig) -> Any:
+    """The step that writes MinHash signature files, one `.run(documents, rank, world_size)` away.
+
+    The one place that names the implementation, so that a faster writer of the same files can
+    take datatrove's place for every caller at once: `minhash_signature` writes datatrove's
+    files with vectorized shingling and hashing, many times datatrove's documents/s at the same
+    recall (benchmarks/bench_dedup.py)."""
+    from cosmoforge.postprocess.minhash_signature import MinhashSignatureStep
+
+    return MinhashSignatureStep(output_folder, minhash_config(config))
 
 
 def _shards(rows: int, workers: int) -> list[range]:
@@ -161,24 +161,18 @@ def minhash_clusters(
     texts: Sequence[str], config: DedupConfig, workdir: str, workers: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
     """(removed, cluster id) per row of `texts`, from datatrove's four MinHash steps."""
-    from datatrove.pipeline.dedup.minhash import (
-        MinhashDedupBuckets,
-        MinhashDedupCluster,
-        MinhashDedupFilter,
-        MinhashDedupSignature,
-    )
+    from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter
 
-    minhash = _minhash_config(config)
+    minhash = minhash_config(config)
     shards = _shards(len(texts), max(1, min(workers, len(texts))))
     signatures, buckets, clusters = (
         os.path.join(workdir, name) for name in ("signatures", "buckets", "clusters")
     )
 
-    tokenizer = _word_tokenizer()
+    signer = signature_step(signatures, config)
 
     def sign(rank: int) -> None:
-        step = MinhashDedupSignature(output_folder=signatures, config=minhash, language=tokenizer)
-        step.run(_documents(texts, shards[rank]), rank=rank, world_size=len(shards))
+        signer.run(_documents(texts, shards[rank]), rank=rank, world_size=len(shards))
 
     def bucket(rank: int) -> None:
         MinhashDedupBuckets(input_folder=signatures, output_folder=buckets, config=minhash).run(
@@ -191,7 +185,7 @@ def minhash_clusters(
         kept = {doc.id for doc in step.run(iter(documents), rank=rank, world_size=len(shards))}
         return [int(doc.id) for doc in documents if doc.id not in kept]
 
-    with _quiet():
+    with quiet():
         _run_in_workers(sign, len(shards), workers)
         _run_in_workers(bucket, config.buckets, workers)
         MinhashDedupCluster(
@@ -222,7 +216,7 @@ def _cluster_ids(folder: str, shards: list[range], rows: int) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     """Silence datatrove's per-step INFO logs and progress bars; results are returned instead."""
     from datatrove.utils.logging import logger
 

@@ -26,7 +26,7 @@ DECONTAM_COLUMNS = (
     "decontam_ngram",
     "decontam_ratio",
 )
-DEDUP_COLUMNS = ("dedup_reason", "dedup_cluster", "dedup_kept_row")
+DEDUP_COLUMNS = dedup.COLUMNS
 DEFAULT_GROUP_FIELD = "seed_source"
 REMOVED = "removed.parquet"
 REPORT_JSON = "report.json"
@@ -146,6 +146,8 @@ def dedup_dataset(
     """Write kept/removed rows (with cluster ids) and counts.json under `out`; returns the counts.
 
     An unreadable or unusable input is a `tables.TableError`: dedup knows nothing of decontamination.
+    The whole input is read here; `dedup_ranks.run_step` gives the same files from ranks of Jobs that each
+    hold one batch of it.
     """
     table = tables.read_table(input_uri)
     texts = tables.text_column(table, text_field)

@@ -106,6 +106,22 @@ def _demoted(markdown: str, levels: int = 2) -> list[str]:
     return ["#" * levels + line if line.startswith("#") else line for line in markdown.rstrip().splitlines()]
 
 
+def _dedup_section(dedup: Mapping[str, Any] | None) -> list[str]:
+    lines = ["## Dedup", ""]
+    if dedup is None:
+        return [*lines, "Dedup did not run on this dataset."]
+    scalars = [[k, v] for k, v in dedup.items() if not isinstance(v, dict | list)]
+    lines += [
+        "Exact and MinHash near-duplicates removed before publishing:",
+        "",
+        *_table(["", "count"], scalars),
+    ]
+    settings = dedup.get("config")
+    if isinstance(settings, dict):
+        lines += ["", "Settings: " + ", ".join(f"{k} {v}" for k, v in settings.items()) + "."]
+    return lines
+
+
 def render_card(card: Card) -> str:
     configs = card.configs
     total = {
@@ -166,21 +182,8 @@ def render_card(card: Card) -> str:
             ["column", "type", "what it holds"], [[n, t, COLUMN_NOTES.get(n, "")] for n, t in card.columns]
         ),
         "",
-        "## Dedup",
-        "",
     ]
-    if card.dedup is None:
-        lines.append("Dedup did not run on this dataset.")
-    else:
-        scalars = [[k, v] for k, v in card.dedup.items() if not isinstance(v, dict | list)]
-        lines += [
-            "Exact and MinHash near-duplicates removed before publishing:",
-            "",
-            *_table(["", "count"], scalars),
-        ]
-        settings = card.dedup.get("config")
-        if isinstance(settings, dict):
-            lines += ["", "Settings: " + ", ".join(f"{k} {v}" for k, v in settings.items()) + "."]
+    lines += _dedup_section(card.dedup)
     lines += ["", "## Decontamination", ""]
     if card.decontamination is None:
         lines.append("Decontamination did not run on this dataset.")

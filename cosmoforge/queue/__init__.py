@@ -31,7 +31,9 @@ from cosmoforge.queue.topology import (
     events_subject,
     prefetch,
     prompts_subject,
+    run_key,
     stream_name,
+    subject_token,
 )
 
 __all__ = [
@@ -59,7 +61,9 @@ __all__ = [
     "publish_all",
     "read_state",
     "remaining",
+    "run_key",
     "settle",
     "stream_name",
     "stuck",
+    "subject_token",
 ]

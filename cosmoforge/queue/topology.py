@@ -5,14 +5,20 @@ The stream, its consumer and the consumer's limits are created by whoever reache
 submitter); JetStream keeps the first consumer's settings. So every creator takes the limits
 from `consumer_limits` here, and workers never create anything: they bind to what exists.
 
-Generation: one work-queue stream per run (`COSMO_<RUN>`) on `cosmo.<run>.prompts`, one durable
-pull consumer (`generators`) shared by every worker, worker events on `cosmo.<run>.events`.
-Decontamination: a second stream per run (`COSMO_<RUN>_DECONTAM`) on `cosmo.<run>.decontam`, its
+Every name is derived from the run's key (`run_key`): `<namespace>/<name>` for a run that a
+cluster's dispatcher or operator drives, the bare name for the embedded `cosmo run`. The same
+name in two namespaces is two runs, so the namespace is part of every name below.
+
+Generation: one work-queue stream per run (`COSMO_<RUN>`, `COSMO_<NS>_<RUN>_<digest>` with a
+namespace) on `cosmo.<token>.prompts`, one durable pull consumer (`generators`) shared by every
+worker, worker events on `cosmo.<token>.events`, where the token is the key with `/` as `_`.
+Decontamination: a second stream per run (`<stream>_DECONTAM`) on `cosmo.<token>.decontam`, its
 consumer `decontaminators`, whose max-deliveries advisories the stream also keeps.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from dataclasses import dataclass
@@ -40,16 +46,38 @@ DECONTAM_ACK_WAIT_SECONDS = 60.0
 DECONTAM_MAX_DELIVER = 10
 
 
+def run_key(namespace: str | None, name: str) -> str:
+    """A run's identity: `<namespace>/<name>`, or the bare name where no namespace applies.
+
+    It is also the run's folder below `output.uri`, so storage, queue and registry agree by
+    construction. Kubernetes names and namespaces are DNS labels (no `/`, `.` or `_`), which
+    keeps the key unambiguous and the subject token below free of NATS separators.
+    """
+    return f"{namespace}/{name}" if namespace else name
+
+
+def subject_token(run: str) -> str:
+    """The key as one NATS subject token. `/` is legal in subjects but reads as a path in tools
+    and permission lists; DNS labels never contain `_`, so the token stays unambiguous."""
+    return run.replace("/", "_")
+
+
 def stream_name(run: str) -> str:
-    return "COSMO_" + re.sub(r"[^A-Za-z0-9]", "_", run).upper()
+    base = "COSMO_" + re.sub(r"[^A-Za-z0-9]", "_", run).upper()
+    if "/" not in run:
+        return base  # a bare name keeps the stream it always had
+    # `-` and `/` both become `_`, so `a-b/c` and `a/b-c` would meet: a digest of the key keeps
+    # them apart. 8 hex digits are plenty among the runs of one NATS server, and the name stays
+    # far below JetStream's limit (two 63-character labels: about 150 characters).
+    return f"{base}_{hashlib.sha256(run.encode()).hexdigest()[:8].upper()}"
 
 
 def prompts_subject(run: str) -> str:
-    return f"cosmo.{run}.prompts"
+    return f"cosmo.{subject_token(run)}.prompts"
 
 
 def events_subject(run: str) -> str:
-    return f"cosmo.{run}.events"
+    return f"cosmo.{subject_token(run)}.events"
 
 
 def decontam_stream_name(run: str) -> str:
@@ -57,7 +85,7 @@ def decontam_stream_name(run: str) -> str:
 
 
 def decontam_subject(run: str) -> str:
-    return f"cosmo.{run}.decontam"
+    return f"cosmo.{subject_token(run)}.decontam"
 
 
 def decontam_advisory_subject(run: str) -> str:

@@ -2,9 +2,12 @@
 
 Storage is the source of truth for what is done and the JetStream stream for what is left, so
 the manager keeps little of its own: a registry of runs (spec and last phase) in a JetStream
-key-value bucket, which lets a restarted dispatcher pick its active runs up again. Starting a
-run — the first time, again after it finished, or after a restart — always does the same
-things in the same order:
+key-value bucket, which lets a restarted dispatcher pick its active runs up again. A run is
+known by its key (`queue.run_key`): `<namespace>/<name>` when the dispatcher serves a cluster
+(`namespaced`), so the same name in two namespaces is two runs with two streams, two registry
+entries and two folders (`<output.uri>/<namespace>/<name>/`); the bare name for the embedded
+`cosmo run`, as it always was. Starting a run — the first time, again after it finished, or
+after a restart — always does the same things in the same order:
 
 1. validate the spec and write it to storage (workers read their settings from there);
 2. get the stream ready: an *empty* stream is deleted and created afresh, which clears its
@@ -16,6 +19,12 @@ things in the same order:
 4. publish the rest, with the prompt id as message id;
 5. follow the queue and the workers' events until the queue is drained, then count the
    outcome from storage, compact the dataset and report.
+
+Starting a known key again with the same spec changes nothing while the run is active (an
+operator that restarts registers every run again) and resumes it once it is over; another spec
+for an active run is refused (RunConflict), never queued beside the first. A run that is over
+(or cancelled) starts afresh with whatever spec comes next: prompt ids carry the settings that
+make a completion, so completions of unchanged prompts count as done and the rest are queued.
 
 The embedded `cosmo run` runs this same manager in its own process (cli/embedded.py).
 """
@@ -149,8 +158,10 @@ class RunManager:
         use_wandb: bool = False,
         publish_window: int = 4096,
         ack_wait: float = ACK_WAIT_SECONDS,
+        namespaced: bool = False,
     ):
         self.nats_url = nats_url
+        self.namespaced = namespaced
         self.poll_seconds = poll_seconds
         self.compact = compact
         self.use_wandb = use_wandb
@@ -160,6 +171,10 @@ class RunManager:
         self.lock = asyncio.Lock()
         self._nc: NATS | None = None
         self._kv: KeyValue | None = None
+
+    def key_of(self, run: GenerationRun) -> str:
+        """The run's key here: with its namespace when this manager serves a cluster."""
+        return queue.run_key(run.metadata.namespace if self.namespaced else None, run.name)
 
     @property
     def nc(self) -> NATS:
@@ -210,19 +225,18 @@ class RunManager:
         # Off the event loop: checking template overrides may take seconds.
         run = await asyncio.to_thread(load_spec, spec_text)
         spec_yaml = dump_run(run)
+        key = self.key_of(run)
         async with self.lock:
-            tracked = self.runs.get(run.name)
+            tracked = self.runs.get(key)
             if tracked is not None and tracked.status.phase in ACTIVE:
                 if tracked.spec_yaml == spec_yaml:
                     return tracked.status
-                raise RunConflict(
-                    f"run {run.name!r} is {tracked.status.phase} with another spec; cancel it first"
-                )
-            store = RunStore.open(run.spec.output.uri, run.name)
+                raise RunConflict(f"run {key!r} is {tracked.status.phase} with another spec; cancel it first")
+            store = RunStore.open(run.spec.output.uri, key)
             now = time.time()
-            status = RunStatus(run=run.name, output_uri=store.uri, started_at=now, updated_at=now)
+            status = RunStatus(run=key, output_uri=store.uri, started_at=now, updated_at=now)
             if tracked is None:
-                tracked = self.runs[run.name] = Tracked(status, spec_yaml, run)
+                tracked = self.runs[key] = Tracked(status, spec_yaml, run)
             else:
                 tracked.status, tracked.spec_yaml, tracked.run = status, spec_yaml, run
                 tracked.tokens = metrics.RateMeter()
@@ -236,8 +250,14 @@ class RunManager:
     def status(self, name: str) -> RunStatus:
         tracked = self.runs.get(name)
         if tracked is None:
-            raise RunNotFound(f"no run named {name!r}")
+            raise self._unknown(name)
         return tracked.status
+
+    def _unknown(self, name: str) -> RunNotFound:
+        """Not found, naming the keys that end in `name`: a bare name misses a namespaced run."""
+        similar = [key for key in sorted(self.runs) if key.rpartition("/")[2] == name and key != name]
+        hint = f" (known with a namespace: {', '.join(similar)})" if similar else ""
+        return RunNotFound(f"no run named {name!r}{hint}")
 
     def list_runs(self) -> list[RunStatus]:
         return [self.runs[name].status for name in sorted(self.runs)]
@@ -246,7 +266,7 @@ class RunManager:
         """The status now, then on every change (or heartbeat) until a final phase was sent."""
         tracked = self.runs.get(name)
         if tracked is None:
-            raise RunNotFound(f"no run named {name!r}")
+            raise self._unknown(name)
         phase, sent_final = tracked.status.phase, tracked.status.final
         yield tracked.status, "snapshot"
         # Whether the status was final is taken before each yield: a run that ends while an
@@ -267,7 +287,7 @@ class RunManager:
         async with self.lock:
             tracked = self.runs.get(name)
             if tracked is None:
-                raise RunNotFound(f"no run named {name!r}")
+                raise self._unknown(name)
             status = tracked.status
             if status.phase == Phase.cancelled.value:
                 return status
@@ -287,66 +307,67 @@ class RunManager:
 
     async def _launch(self, tracked: Tracked) -> None:
         """Steps 1 and 2 (see the module docstring), then the rest in the run's own task."""
-        run = tracked.run
+        run, key = tracked.run, tracked.status.run
         assert run is not None
-        store = RunStore.open(run.spec.output.uri, run.name)
+        store = RunStore.open(run.spec.output.uri, key)
         try:
             await asyncio.to_thread(store.write_text, "spec.yaml", dump_run(run))
-            await self._prepare_queue(run)
+            await self._prepare_queue(key, run)
         except Exception as error:
-            raise StartFailed(f"cannot prepare run {run.name!r}: {error}") from error
+            raise StartFailed(f"cannot prepare run {key!r}: {error}") from error
         if tracked.events is None:
 
             async def on_event(msg: Msg) -> None:
                 self._on_event(tracked, msg)
 
-            tracked.events = await self.nc.subscribe(queue.events_subject(run.name), cb=on_event)
+            tracked.events = await self.nc.subscribe(queue.events_subject(key), cb=on_event)
         tracked.status.phase = Phase.pending.value
         tracked.dataset, tracked.error = None, None
         await self._save(tracked)
         self._export(tracked)
         tracked.bump()
-        tracked.task = asyncio.create_task(self._drive(tracked, store), name=f"run-{run.name}")
+        tracked.task = asyncio.create_task(self._drive(tracked, store), name=f"run-{key}")
 
-    async def _prepare_queue(self, run: GenerationRun) -> None:
-        name = queue.stream_name(run.name)
+    async def _prepare_queue(self, key: str, run: GenerationRun) -> None:
+        name = queue.stream_name(key)
         with contextlib.suppress(NotFoundError):
             info = await self.js.stream_info(name)
             if info.state.messages == 0:
                 await self.js.delete_stream(name)
-        await queue.ensure_stream(self.js, run.name)
+        await queue.ensure_stream(self.js, key)
         limits = consumer_limits(run.spec.generation, self.ack_wait)
         try:
             await queue.ensure_consumer(
-                self.js, run.name, limits.ack_wait, limits.max_deliver, limits.max_ack_pending
+                self.js, key, limits.ack_wait, limits.max_deliver, limits.max_ack_pending
             )
         except BadRequestError as error:
             # The consumer lives on with prompts in flight; its old limits still work.
-            log.warning("keeping the existing consumer of %s: %s", run.name, error, extra={"run": run.name})
+            log.warning("keeping the existing consumer of %s: %s", key, error, extra={"run": key})
 
     async def _drive(self, tracked: Tracked, store: RunStore) -> None:
         run, status = tracked.run, tracked.status
+        key = status.run
         assert run is not None
         if self.use_wandb:
             config = run.spec.generation.model_dump(mode="json", by_alias=True)
-            tracked.wandb = metrics.WandbLog.start(run.name, config)
+            tracked.wandb = metrics.WandbLog.start(key, config)
         watcher = asyncio.create_task(self._follow_queue(tracked, until_drained=False))
         try:
             status.prompts = await asyncio.to_thread(write_prompts, store, build_prompts(run))
             done = await asyncio.to_thread(done_ids, store)
-            published, count = await self._publish(run.name, store, done)
+            published, count = await self._publish(key, store, done)
             watcher.cancel()
             status.already_done, status.published = count.already_done, published.stored
             status.generated = min(status.generated + count.already_done, status.prompts)
-            metrics.PROMPTS_PUBLISHED.labels(run.name).inc(published.stored)
+            metrics.PROMPTS_PUBLISHED.labels(key).inc(published.stored)
             status.phase = Phase.generating.value
             await self._save(tracked)
             self._export(tracked)
             tracked.bump()
             log.info(
                 "run %s: %d prompts, %d already generated, %d queued",
-                run.name, status.prompts, count.already_done, published.stored,
-                extra={"run": run.name},
+                key, status.prompts, count.already_done, published.stored,
+                extra={"run": key},
             )  # fmt: skip
             await self._follow_queue(tracked, until_drained=True)
             await self._finish(tracked, store)
@@ -357,7 +378,7 @@ class RunManager:
             await self._fail(tracked, f"seed error: {error}")
         except Exception as error:
             tracked.error = error
-            log.exception("run %s failed", run.name, extra={"run": run.name})
+            log.exception("run %s failed", key, extra={"run": key})
             await self._fail(tracked, f"{type(error).__name__}: {error}")
         finally:
             watcher.cancel()
@@ -416,7 +437,7 @@ class RunManager:
         status.prompts, status.generated, status.failed = counted.prompts, counted.generated, counted.failed
         status.errors = {kind: count for kind, (count, _) in counted.samples.items()}
         status.phase, status.message = result.phase, result.message
-        log.info("run %s: %s", run.name, result.message, extra={"run": run.name, "phase": result.phase})
+        log.info("run %s: %s", status.run, result.message, extra={"run": status.run, "phase": result.phase})
         await self._settled(tracked)
 
     async def _fail(self, tracked: Tracked, message: str) -> None:

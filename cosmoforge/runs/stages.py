@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from cosmoforge.spec.model import GenerationRunSpec, Phase
-from cosmoforge.storage import DATASET, KEPT
+from cosmoforge.storage import DATASET, GENERATIONS, KEPT
 
-StageName = Literal["dedup", "decontaminate", "tokenize", "train", "evaluate", "publish"]
+StageName = Literal["compact", "dedup", "decontaminate", "tokenize", "train", "evaluate", "publish"]
 
 # What the publish stage writes in the run root: a record of the last push (repo, commit, files).
 PUBLISH = "publish"
@@ -39,8 +39,11 @@ class StageDisabled(LookupError):
 
 
 def post_stages(spec: GenerationRunSpec) -> list[PlannedStage]:
-    """The enabled stages after generation, in order; each reads what the one before kept."""
-    result: list[PlannedStage] = []
+    """The enabled stages after generation, in order; each reads what the one before kept.
+
+    Compaction comes first: the operator runs it as a Job (`cosmo compact`), the embedded driver
+    in-process at the end of generation, where it also counts the run's outcome."""
+    result = [PlannedStage("compact", Phase.compacting, GENERATIONS, DATASET)]
     current = DATASET
     postprocess = spec.postprocess
     if postprocess.dedup.enabled:

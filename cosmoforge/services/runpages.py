@@ -76,7 +76,7 @@ def create_app(pages: RunPages) -> Starlette:
         refresh = None if status.final else REFRESH_SECONDS
         return HTMLResponse(render_page(data, refresh_seconds=refresh), headers=HEADERS)
 
-    return Starlette(routes=[Route("/", index), Route("/runs/{name}", run_page)])
+    return Starlette(routes=[Route("/", index), Route("/runs/{name:path}", run_page)])
 
 
 @contextlib.asynccontextmanager

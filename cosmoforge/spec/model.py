@@ -446,6 +446,16 @@ class Decontaminate(Strict):
 class PostprocessSpec(Strict):
     dedup: Dedup = Field(default_factory=Dedup)
     decontaminate: Decontaminate = Field(default_factory=Decontaminate)
+    ranks: int = Field(
+        default=1,
+        ge=1,
+        le=1024,
+        description=(
+            "Pods per data stage in operator mode: dedup's MinHash steps and tokenization run as "
+            "Indexed Jobs of this many datatrove ranks, each reading its share of the documents. "
+            "1: each stage is one Job. `cosmo run` always runs them in one process."
+        ),
+    )
 
 
 class Parallelism(Strict):
@@ -569,6 +579,7 @@ class Phase(StrEnum):
     pending = "Pending"
     clustering = "Clustering"
     generating = "Generating"
+    compacting = "Compacting"
     deduplicating = "Deduplicating"
     decontaminating = "Decontaminating"
     training = "Training"

@@ -464,7 +464,6 @@ def train(
     precision = resolve_precision(preset, device, config.precision)
     metrics = read_metrics(tokens)
     tokenizer = metrics["tokenizer"]
-    vocab_size = int(tokenizer["vocab_size"])
     output = str(output)
 
     import torch
@@ -474,18 +473,17 @@ def train(
     with remote.staging(output, prefix="cosmo-train-") as out:
         torch.set_num_threads(config.threads or (1 if preset.name == "tiny" else os.cpu_count() or 1))
         torch.manual_seed(config.seed)
-        model = build_model(preset, vocab_size, int(tokenizer["eos_token_id"]), device, precision)
-        parameters = sum(p.numel() for p in model.parameters())
+        eos = int(tokenizer["eos_token_id"])
+        model = build_model(preset, int(tokenizer["vocab_size"]), eos, device, precision)
         optimizer = make_optimizer(model, config, device)
         schedule = make_schedule(optimizer, config)
         rows: list[dict[str, float]] = []
-        first_step = 0
         if resumed is not None:
             model.load_state_dict(resumed["model"])
             optimizer.load_state_dict(resumed["optimizer"])
             schedule.load_state_dict(resumed["schedule"])
             rows = list(resumed["rows"])
-            first_step = int(resumed["step"])
+        first_step = int(resumed["step"]) if resumed is not None else 0
 
         started = time.perf_counter()
         seen = int(rows[-1]["tokens"]) if rows else 0
@@ -498,16 +496,8 @@ def train(
             loss, learning_rate = train_step(model, optimizer, schedule, window, precision, config.grad_clip)
             seen += window.shape[0] * (window.shape[1] - 1)
             loss_value = float(loss.item())  # synchronises a GPU, so elapsed includes the step
-            elapsed = earlier + time.perf_counter() - started
             rows.append(
-                {
-                    "step": step + 1,
-                    "loss": round(loss_value, 6),
-                    "lr": float(learning_rate),
-                    "tokens": seen,
-                    "tokens_per_second": round(seen / elapsed, 1),
-                    "elapsed_seconds": round(elapsed, 3),
-                }
+                loss_row(step + 1, loss_value, learning_rate, seen, earlier + time.perf_counter() - started)
             )
             if (step + 1) % config.checkpoint_interval == 0 and step + 1 < config.steps:
                 state = {
@@ -522,14 +512,8 @@ def train(
                 publish_progress(output, out, rows, config.steps)
             if on_step is not None:
                 on_step(rows[-1])
-        seconds = float(rows[-1]["elapsed_seconds"])
-        losses = [float(row["loss"]) for row in rows]
-
-        checkpoint = out / CHECKPOINT_DIR
-        save_checkpoint(model, tokens, tokenizer, checkpoint)
-        write_loss_logs(rows, out)
-        (out / PROGRESS_FILE).write_text(progress_file(rows, config.steps), encoding="utf-8")
-        plot_losses(losses, out / "loss.png", f"{preset.name} Llama, {parameters / 1e6:.1f}M parameters")
+        parameters = sum(p.numel() for p in model.parameters())
+        save_checkpoint(model, tokens, tokenizer, out / CHECKPOINT_DIR)
         result = TrainResult(
             output=output,
             checkpoint=remote.join(output, CHECKPOINT_DIR),
@@ -537,27 +521,50 @@ def train(
             parameters=parameters,
             steps=config.steps,
             tokens=seen,
-            seconds=seconds,
-            losses=losses,
+            seconds=float(rows[-1]["elapsed_seconds"]),
+            losses=[float(row["loss"]) for row in rows],
             device=device,
             precision=precision,
         )
-        summary = {k: v for k, v in asdict(result).items() if k != "losses"}
-        summary |= {
-            "first_loss": result.first_loss,
-            "final_loss": result.final_loss,
-            "config": asdict(config),
-        }
-        summary["tokens_source"] = tokens
-        summary["resumed_from_step"] = first_step
-        (out / "train.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        if remote.is_remote(output):
-            # The summary goes last: its presence says the training finished.
-            for name in (CHECKPOINT_DIR, "loss.jsonl", "loss.csv", "loss.png", PROGRESS_FILE):
-                source = out / name
-                if source.is_dir():
-                    remote.upload_folder(source, remote.join(output, name))
-                else:
-                    remote.upload_file(source, remote.join(output, name))
-            remote.upload_file(out / "train.json", remote.join(output, "train.json"))
+        write_outputs(result, config, rows, out, tokens, first_step)
     return result
+
+
+def loss_row(step: int, loss: float, learning_rate: float, tokens: int, elapsed: float) -> dict[str, float]:
+    return {
+        "step": step,
+        "loss": round(loss, 6),
+        "lr": float(learning_rate),
+        "tokens": tokens,
+        "tokens_per_second": round(tokens / elapsed, 1),
+        "elapsed_seconds": round(elapsed, 3),
+    }
+
+
+def write_outputs(
+    result: TrainResult,
+    config: TrainConfig,
+    rows: list[dict[str, float]],
+    out: Path,
+    tokens: str,
+    first_step: int,
+) -> None:
+    """Loss logs, plot and `train.json` beside the checkpoint in `out`, then all of it uploaded
+    when the output is remote, the summary last: its presence says the training finished."""
+    write_loss_logs(rows, out)
+    (out / PROGRESS_FILE).write_text(progress_file(rows, config.steps), encoding="utf-8")
+    title = f"{result.preset} Llama, {result.parameters / 1e6:.1f}M parameters"
+    plot_losses(result.losses, out / "loss.png", title)
+    summary = {k: v for k, v in asdict(result).items() if k != "losses"}
+    summary |= {"first_loss": result.first_loss, "final_loss": result.final_loss, "config": asdict(config)}
+    summary["tokens_source"] = tokens
+    summary["resumed_from_step"] = first_step
+    (out / "train.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    if remote.is_remote(result.output):
+        for name in (CHECKPOINT_DIR, "loss.jsonl", "loss.csv", "loss.png", PROGRESS_FILE):
+            source = out / name
+            if source.is_dir():
+                remote.upload_folder(source, remote.join(result.output, name))
+            else:
+                remote.upload_file(source, remote.join(result.output, name))
+        remote.upload_file(out / "train.json", remote.join(result.output, "train.json"))

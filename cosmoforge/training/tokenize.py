@@ -15,6 +15,12 @@ each output file, and each `.ds` file gets an `.index` (document ends) and a `.m
 datatrove's LocalPipelineExecutor starts a process pool when workers > 1, which re-imports the
 caller's `__main__`; a multi-worker run is therefore launched as `python -m` of this module, whose
 entry point is guarded, so it works the same from the CLI, a test or a notebook.
+
+On a cluster the same work runs as two steps of Indexed Jobs (`tokenize_ranks`):
+each of N ranks tokenizes its contiguous share of the dataset's rows, found from the parquet
+footers, into a work folder under the output, and records its counts; one merge then shuffles all
+rank files into the layout a one-process run writes, publishing `metrics.json` last. Each rank
+runs datatrove with one worker, in its own process, so no pool and no main guard are involved.
 """
 
 from __future__ import annotations
@@ -48,6 +54,9 @@ STAT_PREFIX = "tokens_by/"
 SAVE_FILENAME = "cosmo"
 METRICS_FILE = "metrics.json"
 TOKENIZER_FILE = "tokenizer.json"
+# Ranks write under the output folder, in a folder the trainer's `*.ds` glob does not descend into.
+# A rank's share is read in batches of this many rows, whatever the row groups' size.
+READ_BATCH_ROWS = 1024
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,7 @@ class DatasetFiles:
     files: list[str]
     rows: int
     columns: list[str]
+    file_rows: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -89,15 +99,46 @@ class TokenizeResult:
         data["tokens_per_second"] = round(self.tokens_per_second, 1)
         return data
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TokenizeResult:
+        fields = {key: value for key, value in data.items() if key != "tokens_per_second"}
+        return cls(**{**fields, "tokenizer": TokenizerInfo(**data["tokenizer"])})
+
+
+def fetched_tokenizer(uri: str) -> Path:
+    """A tokenizer.json in object storage (or any fsspec URI: a file, or a folder holding one),
+    copied to a local file named by its content, the same path in every pod, so that datatrove and
+    the ranks' markers name one file."""
+    import hashlib
+
+    from fsspec.core import url_to_fs
+
+    try:
+        fs, path = url_to_fs(uri)
+        if fs.isdir(path):
+            path = f"{path.rstrip('/')}/tokenizer.json"
+        data = fs.cat_file(path)
+    except (OSError, ValueError) as error:
+        raise TrainingError(f"tokenizer {uri!r} not readable: {_first_line(error)}") from None
+    target = Path(tempfile.gettempdir()) / "cosmoforge-tokenizers" / hashlib.sha256(data).hexdigest()[:16]
+    target.mkdir(parents=True, exist_ok=True)
+    local = target / "tokenizer.json"
+    if not local.is_file():
+        partial = target / f".tokenizer.json.{os.getpid()}"
+        partial.write_bytes(data)
+        os.replace(partial, local)
+    return local
+
 
 def resolve_tokenizer(name_or_path: str) -> tuple[str, Tokenizer]:
-    """Load a tokenizer from a tokenizer.json, a folder holding one, or a Hub id.
+    """Load a tokenizer from a tokenizer.json (local or any fsspec URI), a folder holding one, or
+    a Hub id.
 
     Returns the string datatrove should be given (a file path or the Hub id) and the tokenizer.
     """
     from tokenizers import Tokenizer
 
-    path = Path(name_or_path).expanduser()
+    path = fetched_tokenizer(name_or_path) if "://" in name_or_path else Path(name_or_path).expanduser()
     if path.is_dir() and (path / "tokenizer.json").is_file():
         path = path / "tokenizer.json"
     if path.is_file():
@@ -159,23 +200,37 @@ def inspect_dataset(uri: str, text_field: str = "text") -> DatasetFiles:
         raise TrainingError(f"dataset {uri} does not exist")
     if not files:
         raise TrainingError(f"dataset {uri} has no .parquet files")
-    rows = 0
+    file_rows: list[int] = []
     columns: list[str] = []
+    single = fs.isfile(path)
     for name in files:
-        with fs.open(f"{folder}/{name}", "rb") as handle:
-            meta = pq.ParquetFile(handle)
-            names = meta.schema_arrow.names
-            if text_field not in names:
-                raise TrainingError(
-                    f"dataset file {name} has no {text_field!r} column (columns: {', '.join(names)})"
-                )
-            rows += meta.metadata.num_rows
-            columns = columns or names
+        # Messages name the file as the user would find it: the input itself, or a file inside it.
+        shown = uri if single else f"{uri.rstrip('/')}/{name}"
+        try:
+            with fs.open(f"{folder}/{name}", "rb") as handle:
+                meta = pq.ParquetFile(handle)
+                names, count = meta.schema_arrow.names, meta.metadata.num_rows
+        except Exception as error:
+            raise TrainingError(
+                f"dataset file {shown} is not readable parquet: {_first_line(error)}"
+            ) from None
+        if text_field not in names:
+            raise TrainingError(
+                f"dataset file {shown} has no {text_field!r} column (columns: {', '.join(names)})"
+            )
+        file_rows.append(count)
+        columns = columns or names
+    rows = sum(file_rows)
     if rows == 0:
         raise TrainingError(f"dataset {uri} has no rows")
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     folder_uri = folder if protocol in ("file", "local") else f"{protocol}://{folder}"
-    return DatasetFiles(folder_uri, files, rows, columns)
+    return DatasetFiles(folder_uri, files, rows, columns, file_rows)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def count_columns(columns: list[str]) -> dict[str, str]:
@@ -204,9 +259,57 @@ class TokenizeOptions:
     seed: int = 42
     batch_size: int = 10000
     logging_dir: str = ""
+    # Empty: tokens are shuffled in `output` itself. Set when that is remote, and for ranks, so a
+    # killed run leaves no unshuffled file where the merge would take it for tokens.
+    local_working_dir: str = ""
+    # Set for a rank: rows per file, to cut the dataset into shares by rows rather than by files.
+    file_rows: list[int] = field(default_factory=list)
 
 
-def _build_pipeline(options: TokenizeOptions) -> list[Any]:
+def row_share(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows [start, stop) of the dataset, counted across its files in order, that `rank` tokenizes."""
+    return total * rank // world_size, total * (rank + 1) // world_size
+
+
+def file_ranges(file_rows: list[int], start: int, stop: int) -> list[tuple[int, int, int]]:
+    """(file index, first row, stop row) of every file that overlaps the dataset rows [start, stop)."""
+    ranges = []
+    offset = 0
+    for index, rows in enumerate(file_rows):
+        first, last = max(start - offset, 0), min(stop - offset, rows)
+        if first < last:
+            ranges.append((index, first, last))
+        offset += rows
+    return ranges
+
+
+def row_groups_covering(group_rows: list[int], start: int, stop: int) -> tuple[list[int], int]:
+    """The row groups holding rows [start, stop) of a file, and the file row their first one starts at."""
+    groups: list[int] = []
+    first = offset = 0
+    for group, rows in enumerate(group_rows):
+        if offset < stop and offset + rows > start:
+            first = first if groups else offset
+            groups.append(group)
+        offset += rows
+    return groups, first
+
+
+def _documents(columns: dict[str, list[Any]], text_key: str, label: str, first_row: int) -> Iterator[Any]:
+    """datatrove Documents from decoded columns; rows without text are left out, as datatrove does."""
+    from datatrove.data import Document
+
+    texts = columns.pop(text_key)
+    ids = columns.pop("id", None)
+    for row, text in enumerate(texts):
+        if not text:
+            continue
+        doc_id = str(ids[row]) if ids is not None else f"{label}/{first_row + row}"
+        yield Document(text=text, id=doc_id, metadata={name: values[row] for name, values in columns.items()})
+
+
+def build_pipeline(options: TokenizeOptions) -> list[Any]:
+    from datatrove.pipeline.base import PipelineStep
     from datatrove.pipeline.readers import ParquetReader
     from datatrove.pipeline.tokens import DocumentTokenizer
 
@@ -224,22 +327,61 @@ def _build_pipeline(options: TokenizeOptions) -> list[Any]:
 
         def read_file(self, filepath: str) -> Iterator[Any]:
             import pyarrow.parquet as pq
-            from datatrove.data import Document
 
             with self.data_folder.open(filepath, "rb") as handle, pq.ParquetFile(handle) as parquet:
                 present = [name for name in self.wanted if name in parquet.schema_arrow.names]
-                line = 0
+                row = 0
                 for batch in parquet.iter_batches(batch_size=self.batch_size, columns=present):
                     columns = {name: batch.column(name).to_pylist() for name in present}
-                    texts = columns.pop(self.text_key)
-                    ids = columns.pop(self.id_key, None)
-                    for row, text in enumerate(texts):
-                        if not text:
-                            continue
-                        doc_id = str(ids[row]) if ids is not None else f"{filepath}/{line}"
-                        metadata = {name: values[row] for name, values in columns.items()}
-                        line += 1
-                        yield Document(text=text, id=doc_id, metadata=metadata)
+                    yield from _documents(columns, self.text_key, filepath, row)
+                    row += batch.num_rows
+
+    class ShareReader(PipelineStep):
+        """Reads the rows of one rank's share, a row group at a time, decoding only `wanted`.
+
+        datatrove's readers shard by whole files, which leaves ranks idle when there are fewer
+        files than ranks; shares cut by rows keep every rank equally busy.
+        """
+
+        name = "📖 Share reader"
+        type = "📖 - READER"
+
+        def __init__(
+            self, folder: str, files: list[str], file_rows: list[int], wanted: list[str], text_key: str
+        ):
+            super().__init__()
+            self.folder, self.files, self.file_rows = folder, files, file_rows
+            self.wanted, self.text_key = wanted, text_key
+
+        def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
+            from fsspec.core import url_to_fs
+
+            fs, root = url_to_fs(self.folder)
+            start, stop = row_share(sum(self.file_rows), rank, world_size)
+            for index, first, last in file_ranges(self.file_rows, start, stop):
+                yield from self.read_range(fs, f"{root.rstrip('/')}/{self.files[index]}", first, last)
+
+        def read_range(self, fs: Any, path: str, start: int, stop: int) -> Iterator[Any]:
+            import pyarrow.parquet as pq
+
+            with fs.open(path, "rb") as handle, pq.ParquetFile(handle) as parquet:
+                present = [name for name in self.wanted if name in parquet.schema_arrow.names]
+                sizes = [
+                    parquet.metadata.row_group(g).num_rows for g in range(parquet.metadata.num_row_groups)
+                ]
+                groups, offset = row_groups_covering(sizes, start, stop)
+                batches = parquet.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=groups, columns=present)
+                for batch in batches:
+                    first, last = max(start - offset, 0), min(stop - offset, batch.num_rows)
+                    if first < last:
+                        rows = batch.slice(first, last - first)
+                        columns = {name: rows.column(name).to_pylist() for name in present}
+                        for document in _documents(columns, self.text_key, path, offset + first):
+                            self.stat_update("documents")
+                            yield document
+                    offset += batch.num_rows
+                    if offset >= stop:
+                        break
 
     class CountingTokenizer(DocumentTokenizer):
         """DocumentTokenizer that also counts tokens per source, style and audience."""
@@ -264,22 +406,20 @@ def _build_pipeline(options: TokenizeOptions) -> list[Any]:
                 self.stat_update(f"{STAT_PREFIX}{group}/{value}", value=count)
             return result
 
-    remote = "://" in options.output and not options.output.startswith("file://")
     glob = options.files[0] if len(options.files) == 1 and "/" not in options.files[0] else "**/*.parquet"
-    wanted = [options.text_field, "id", *options.counted.values()]
-    reader = ColumnsReader(
-        wanted=list(dict.fromkeys(wanted)),
-        data_folder=options.dataset,
-        glob_pattern=glob,
-        text_key=options.text_field,
-    )
+    wanted = list(dict.fromkeys([options.text_field, "id", *options.counted.values()]))
+    reader: PipelineStep
+    if options.file_rows:
+        reader = ShareReader(options.dataset, options.files, options.file_rows, wanted, options.text_field)
+    else:
+        reader = ColumnsReader(
+            wanted=wanted, data_folder=options.dataset, glob_pattern=glob, text_key=options.text_field
+        )
     tokenizer = CountingTokenizer(
         counted=options.counted,
         output_folder=options.output,
         tokenizer_name_or_path=options.tokenizer,
-        # Shuffling copies the file through random reads: do that on local disk when the
-        # output lives in object storage.
-        local_working_dir=tempfile.mkdtemp(prefix="cosmo-tokens-") if remote else None,
+        local_working_dir=options.local_working_dir or None,
         save_filename=SAVE_FILENAME,
         eos_token=options.eos_token,
         batch_size=options.batch_size,
@@ -296,7 +436,7 @@ def run_pipeline(options: TokenizeOptions) -> None:
 
     tasks = max(1, min(options.workers, len(options.files)))
     executor = LocalPipelineExecutor(
-        pipeline=_build_pipeline(options),
+        pipeline=build_pipeline(options),
         tasks=tasks,
         workers=min(options.workers, tasks),
         logging_dir=options.logging_dir,
@@ -326,14 +466,16 @@ def tokens_by_group(stats: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     return {group: dict(sorted(values.items())) for group, values in sorted(counts.items())}
 
 
-def _existing_token_files(output: str) -> list[str]:
+def existing_token_files(output: str) -> list[str]:
     from fsspec.core import url_to_fs
 
     fs, path = url_to_fs(output)
     if not fs.isdir(path):
         return []
     names = (METRICS_FILE, TOKENIZER_FILE)
-    return sorted(p for p in fs.find(path) if ".ds" in p.rsplit("/", 1)[-1] or p.rsplit("/", 1)[-1] in names)
+    # Only the top level: the ranks' work folder below holds token files that are not output yet.
+    found = fs.find(path, maxdepth=1)
+    return sorted(p for p in found if ".ds" in p.rsplit("/", 1)[-1] or p.rsplit("/", 1)[-1] in names)
 
 
 def prepare(
@@ -347,10 +489,36 @@ def prepare(
     """Every check that can fail, done before datatrove starts."""
     info, loaded = tokenizer_info(tokenizer, eos_token)
     files = inspect_dataset(dataset, text_field)
-    existing = _existing_token_files(output)
+    existing = existing_token_files(output)
     if existing and not overwrite:
         raise TrainingError(f"{output} already holds token files: choose another folder or overwrite it")
     return files, info, loaded
+
+
+def absolute(uri: str) -> str:
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
+def is_local(fs: Any) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return bool({"file", "local"} & set(protocols))
+
+
+def tokenizer_file(info: TokenizerInfo, loaded: Tokenizer, scratch: str) -> str:
+    """A tokenizer.json on local disk, with truncation and padding off, for datatrove to load.
+
+    Some tokenizer.json files ship with truncation or padding switched on (sentence encoders cut
+    at 128 tokens); pre-training needs every token, so both are turned off in a local copy. The
+    copy also spares worker processes a Hub download, and is kept beside the tokens so the folder
+    says how it was made.
+    """
+    if loaded.truncation is None and loaded.padding is None and os.path.isfile(info.name_or_path):
+        return info.name_or_path
+    loaded.no_truncation()
+    loaded.no_padding()
+    local = os.path.join(scratch, TOKENIZER_FILE)
+    loaded.save(local)
+    return local
 
 
 def tokenize_dataset(
@@ -367,28 +535,16 @@ def tokenize_dataset(
     """Tokenize `dataset` (parquet file or folder, local or fsspec URI) into `output`."""
     from fsspec.core import url_to_fs
 
-    if "://" not in output:
-        output = os.path.abspath(output)
-    if "://" not in dataset:
-        dataset = os.path.abspath(dataset)
+    output, dataset = absolute(output), absolute(dataset)
     files, info, loaded = prepare(dataset, output, tokenizer, text_field, eos_token, overwrite)
     fs, out_path = url_to_fs(output)
-    for stale in _existing_token_files(output):
+    for stale in existing_token_files(output):
         fs.rm_file(stale)
     fs.makedirs(out_path, exist_ok=True)
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cosmo-tokenize-") as scratch:
-        # Some tokenizer.json files ship with truncation or padding switched on (sentence
-        # encoders cut at 128 tokens); pre-training needs every token, so both are turned off
-        # in a local copy. The copy also spares worker processes a Hub download, and is kept
-        # beside the tokens so the folder says how it was made.
-        local_tokenizer = info.name_or_path
-        if loaded.truncation is not None or loaded.padding is not None or not os.path.isfile(local_tokenizer):
-            loaded.no_truncation()
-            loaded.no_padding()
-            local_tokenizer = os.path.join(scratch, TOKENIZER_FILE)
-            loaded.save(local_tokenizer)
+        local_tokenizer = tokenizer_file(info, loaded, scratch)
         logs = os.path.join(scratch, "logs")
         options = TokenizeOptions(
             dataset=files.folder,
@@ -402,6 +558,9 @@ def tokenize_dataset(
             seed=seed,
             batch_size=batch_size,
             logging_dir=logs,
+            # Shuffling copies the file through random reads: do that on local disk when the
+            # output lives in object storage.
+            local_working_dir=os.path.join(scratch, "shuffle") if not is_local(fs) else "",
         )
         if options.workers > 1 and len(files.files) > 1:
             _run_in_subprocess(options)

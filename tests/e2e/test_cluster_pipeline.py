@@ -5,8 +5,9 @@ Deployment and Job it creates from the manifest's own command line, Indexed and 
 as Kubernetes runs them. Around them: a real nats-server, the real dispatcher over gRPC, an
 S3-compatible server holding the seeds and every output, and the embedded model server in the
 place of the GPU inference Deployment. One GenerationRun goes from web seeds through clustering,
-generation, dedup and decontamination workers to `Succeeded`; a decontamination worker is
-killed mid-stage and the stage still ends with exactly one copy of each document.
+generation, compaction, dedup and tokenization as datatrove ranks (Indexed Jobs), decontamination
+workers, tiny training and evaluation to `Succeeded`; a decontamination worker is killed
+mid-stage and the stage still ends with exactly one copy of each document.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ NS = "gen"
 DATA = Path(__file__).parents[1] / "data"
 CORPUS = DATA / "clustering" / "subjects.jsonl"
 BENCHMARK = DATA / "benchmarks" / "mmlu.jsonl"
+TRAINING = DATA / "training"
 
 
 @pytest.fixture
@@ -45,6 +47,16 @@ def upload_benchmark(bucket: str) -> str:
     uri = f"s3://{bucket}/benchmarks/{BENCHMARK.name}"
     s3fs.S3FileSystem().pipe(uri, BENCHMARK.read_bytes())
     return uri
+
+
+def upload_training_inputs(bucket: str) -> tuple[str, str]:
+    """The tokenizer and the evaluation tasks in the bucket: every path of the run is storage."""
+    fs = s3fs.S3FileSystem()
+    tokenizer = f"s3://{bucket}/tokenizers/{(TRAINING / 'tokenizer.json').name}"
+    fs.pipe(tokenizer, (TRAINING / "tokenizer.json").read_bytes())
+    for task in (TRAINING / "tasks").rglob("*.jsonl"):
+        fs.pipe(f"s3://{bucket}/tasks/{task.relative_to(TRAINING / 'tasks').as_posix()}", task.read_bytes())
+    return tokenizer, f"s3://{bucket}/tasks"
 
 
 def upload_seeds(bucket: str) -> str:
@@ -78,9 +90,15 @@ def test_a_run_with_clustering_and_post_processing_succeeds_with_every_child_a_p
         limit=8, maxSeedChars=300, audiences=["college_students"], topicConditioning=1.0
     )
     document["spec"]["postprocess"] = {
+        "ranks": 2,
         "dedup": {"enabled": True},
         "decontaminate": {"benchmarks": [upload_benchmark(s3_bucket)], "workers": 2},
     }
+    tokenizer, tasks = upload_training_inputs(s3_bucket)
+    document["spec"]["training"] = {
+        "tokenizer": tokenizer, "preset": "tiny", "steps": 4, "batchSize": 2, "sequenceLength": 32,
+        "warmupSteps": 1, "evalTasks": ["arc_easy"], "evalData": tasks, "evalMaxSamples": 2,
+    }  # fmt: skip
     document["spec"]["output"] = {"uri": output}
 
     with services(tmp_path) as processes:
@@ -111,19 +129,25 @@ def test_a_run_with_clustering_and_post_processing_succeeds_with_every_child_a_p
             wait_for("the end", lambda: status().get("phase") in ("Succeeded", "Failed"), timeout=600)
             final = status()
             assert final["phase"] == "Succeeded", (
+                [c.get("message") for c in final.get("conditions", []) if c.get("type") == "Failed"],
                 final,
                 kubelet.log("pipeline-"),
                 dispatcher.output()[-3000:],
             )
         assert runner.exception is None
 
-    store = RunStore.open(output, "pipeline")
-    root = f"{output}/pipeline"
+    store = RunStore.open(output, f"{NS}/pipeline")  # the run's key: namespace and name
+    root = f"{output}/{NS}/pipeline"
     assert final["outputs"]["topics-web"] == f"{root}/topics/web"
-    assert (
-        final["outputs"]["dedup"] == f"{root}/dedup"
-        and final["outputs"]["decontaminate"] == f"{root}/decontam"
-    )
+    assert {name: final["outputs"][name] for name in ("compact", "dedup", "decontaminate", "tokenize")} == {
+        "compact": f"{root}/dataset",
+        "dedup": f"{root}/dedup",
+        "decontaminate": f"{root}/decontam",
+        "tokenize": f"{root}/tokens",
+    }
+    assert {"train", "evaluate", "dedup-signatures", "tokenize-ranks"} <= set(final["outputs"])
+    ranked = cluster.get(jobs_path(NS, "pipeline-dedup-signatures"))
+    assert ranked is not None and ranked["spec"]["completionMode"] == "Indexed"
     assert {c["type"] for c in final["conditions"] if c["status"] == "True"} >= {
         "Clustered",
         "Generated",
@@ -143,3 +167,9 @@ def test_a_run_with_clustering_and_post_processing_succeeds_with_every_child_a_p
     removed = pq.read_table(store.url("decontam", "removed.parquet"), filesystem=store.fs)
     ids = decontam_kept.column("prompt_id").to_pylist() + removed.column("prompt_id").to_pylist()
     assert sorted(ids) == sorted(dedup_kept.column("prompt_id").to_pylist())
+
+    # Tokenized by two ranks and merged: every kept document is in the tokens the model trained on.
+    tokens = json.loads(store.fs.cat_file(store.path("tokens", "metrics.json")))
+    assert tokens["documents"] == decontam_kept.num_rows and tokens["tokens"] > 0, tokens
+    assert store.fs.exists(store.path("checkpoints", "checkpoint", "config.json"))
+    assert json.loads(store.fs.cat_file(store.path("eval", "results.json")))

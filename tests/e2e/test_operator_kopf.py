@@ -20,7 +20,7 @@ import httpx
 import nats
 import pytest
 from kopf.testing import KopfRunner
-from kubeapi import KubeApi, deployments_path, jobs_path, runs_path, services_path
+from kubeapi import KubeApi, deployments_path, jobs_path, pods_path, runs_path, services_path
 
 from conftest import COSMO, small_run, wait_for
 from cosmoforge import queue
@@ -156,12 +156,14 @@ def test_replicas_follow_queue_depth_within_bounds_without_flapping(
         cluster.create(runs_path(NS), document)
         reach("one server at the start", (1, 1))
         wait_for("stream", lambda: condition(cluster, "scaled", "QueueReachable").get("status") == "True")
-        asyncio.run(_publish(nats_server.url, "scaled", 45))
+        asyncio.run(_publish(nats_server.url, f"{NS}/scaled", 45))
         reach("three servers for 45 queued (ceil(45/10) = 5, clamped to 3)", (3, 3))
-        asyncio.run(_consume(nats_server.url, "scaled", 40))
+        asyncio.run(_consume(nats_server.url, f"{NS}/scaled", 40))
         reach("back to one once the window has passed", (1, 1))
-        asyncio.run(_consume(nats_server.url, "scaled", 5))
+        asyncio.run(_consume(nats_server.url, f"{NS}/scaled", 5))
         reach("zero when the queue is empty and generation done", (0, 0))
+        wait_for("compaction", lambda: cluster.get(jobs_path(NS, "scaled-compact")))  # no kubelet here
+        cluster.patch(jobs_path(NS, "scaled-compact"), {"status": {"succeeded": 1}})
         wait_for("Succeeded", lambda: status(cluster, "scaled").get("phase") == "Succeeded")
         final = status(cluster, "scaled")
     assert runner.exception is None
@@ -198,23 +200,38 @@ def test_stages_run_in_order_and_delete_removes_every_child(
     with operator() as runner:
         cluster.create(runs_path(NS), document)
         wait_for("stream", lambda: condition(cluster, "staged", "QueueReachable").get("status") == "True")
-        asyncio.run(_publish(nats_server.url, "staged", 2))
-        asyncio.run(_consume(nats_server.url, "staged", 2))
-        dedup = wait_for("dedup job", lambda: cluster.get(jobs_path(NS, "staged-dedup")))
-        assert dedup["spec"]["template"]["spec"]["containers"][0]["args"][:2] == [
-            "dedup",
-            f"{OUTPUT_BASE}/cosmoforge-runs/staged/dataset",
-        ]
-        wait_for("Deduplicating", lambda: status(cluster, "staged").get("phase") == "Deduplicating")
+        asyncio.run(_publish(nats_server.url, f"{NS}/staged", 2))
+        asyncio.run(_consume(nats_server.url, f"{NS}/staged", 2))
+        root = f"{OUTPUT_BASE}/cosmoforge-runs/{NS}/staged"
+        compact = wait_for("compact job", lambda: cluster.get(jobs_path(NS, "staged-compact")))
+        assert compact["spec"]["template"]["spec"]["containers"][0]["args"] == ["compact", root]
+        wait_for("Compacting", lambda: status(cluster, "staged").get("phase") == "Compacting")
         assert replicas(cluster, "staged-inference") == 0  # generation done: GPUs released
+        time.sleep(1.0)
+        assert cluster.get(jobs_path(NS, "staged-dedup")) is None  # not before compaction succeeds
+        cluster.patch(jobs_path(NS, "staged-compact"), {"status": {"succeeded": 1}})
+        dedup = wait_for("dedup job", lambda: cluster.get(jobs_path(NS, "staged-dedup")))
+        assert dedup["spec"]["template"]["spec"]["containers"][0]["args"][:2] == ["dedup", f"{root}/dataset"]
+        wait_for("Deduplicating", lambda: status(cluster, "staged").get("phase") == "Deduplicating")
         time.sleep(1.0)
         assert cluster.get(jobs_path(NS, "staged-decontaminate")) is None  # not before dedup succeeds
         cluster.patch(jobs_path(NS, "staged-dedup"), {"status": {"succeeded": 1}})
         wait_for("decontaminate job", lambda: cluster.get(jobs_path(NS, "staged-decontaminate")))
         wait_for("Decontaminating", lambda: status(cluster, "staged").get("phase") == "Decontaminating")
+        # The failed pod's termination message (its log's tail) says why, in the command's words.
+        line = f"cosmo decontaminate: {root}/dedup/kept.parquet is not a parquet file"
+        terminated = {"exitCode": 2, "finishedAt": "2026-01-01T00:00:00Z", "message": f"reading\n{line}\n"}
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "staged-decontaminate-x1", "labels": {"job-name": "staged-decontaminate"}},
+            "status": {"containerStatuses": [{"name": "decontaminate", "state": {"terminated": terminated}}]},
+        }
+        cluster.create(pods_path(NS), pod)
         cluster.patch(jobs_path(NS, "staged-decontaminate"), {"status": {"failed": 3}})
         wait_for("Failed", lambda: status(cluster, "staged").get("phase") == "Failed")
-        assert "decontaminate" in condition(cluster, "staged", "Failed")["message"]
+        message = condition(cluster, "staged", "Failed")["message"]
+        assert "decontaminate" in message and message.endswith(line), message
 
         cluster.delete(runs_path(NS, "staged"))
         wait_for("run gone", lambda: cluster.get(runs_path(NS, "staged")) is None)
@@ -245,7 +262,7 @@ def test_web_seeds_are_clustered_before_generation_starts(
             "cluster",
             "s3://corpora/web.parquet",
             "--out",
-            f"{OUTPUT_BASE}/cosmoforge-runs/topical/topics/web",
+            f"{OUTPUT_BASE}/cosmoforge-runs/{NS}/topical/topics/web",
         ]
         assert args[args.index("--endpoint") + 1] == "http://topical-inference:8080"
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
@@ -258,7 +275,7 @@ def test_web_seeds_are_clustered_before_generation_starts(
         wait_for("generator", lambda: cluster.get(deployments_path(NS, "topical-generator")))
         wait_for("Generating", lambda: status(cluster, "topical").get("phase") == "Generating")
         outputs = status(cluster, "topical")["outputs"]
-        assert outputs["topics-web"] == f"{OUTPUT_BASE}/cosmoforge-runs/topical/topics/web"
+        assert outputs["topics-web"] == f"{OUTPUT_BASE}/cosmoforge-runs/{NS}/topical/topics/web"
     assert runner.exception is None
 
 
@@ -280,10 +297,13 @@ def test_a_failed_clustering_job_fails_the_run_before_any_prompt(
 
 
 def _generated(api: KubeApi, url: str, run: str) -> None:
-    """Drive a run's generation to its end: two prompts queued and taken."""
+    """Drive a run's generation to its end (two prompts queued and taken) and its compaction Job
+    to success, as a kubelet would: what follows starts from the compacted dataset."""
     wait_for("stream", lambda: condition(api, run, "QueueReachable").get("status") == "True")
-    asyncio.run(_publish(url, run, 2))
-    asyncio.run(_consume(url, run, 2))
+    asyncio.run(_publish(url, f"{NS}/{run}", 2))  # the stream is named by the run's key
+    asyncio.run(_consume(url, f"{NS}/{run}", 2))
+    wait_for("compaction", lambda: api.get(jobs_path(NS, f"{run}-compact")))
+    api.patch(jobs_path(NS, f"{run}-compact"), {"status": {"succeeded": 1}})
 
 
 def test_decontamination_workers_run_beside_the_submitter_and_end_with_it(
@@ -377,8 +397,9 @@ def test_the_container_entry_point_runs_the_same_operator(
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
         cluster.create(runs_path(NS), gpu_spec("entry"))
-        wait_for("children", lambda: len(cluster.items(deployments_path(NS))) == 2)
-        health = wait_for("liveness", lambda: _get(f"http://127.0.0.1:{port}/healthz"))
+        # A new process imports kopf and the operator first: seconds, more on a loaded machine.
+        wait_for("children", lambda: len(cluster.items(deployments_path(NS))) == 2, timeout=180)
+        health = wait_for("liveness", lambda: _get(f"http://127.0.0.1:{port}/healthz"), timeout=60)
         assert health == 200
     finally:
         process.terminate()

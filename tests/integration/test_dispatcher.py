@@ -49,8 +49,9 @@ def spec(name: str, out: Path, limit: int | None = None, **generation: Any) -> d
 
 @contextlib.asynccontextmanager
 async def dispatcher(nats_url: str) -> AsyncIterator[DispatcherClient]:
-    """The dispatcher in this process (its gRPC still over a socket), for tests that restart nothing."""
-    manager = RunManager(nats_url, poll_seconds=0.2, ack_wait=3.0)
+    """The dispatcher in this process (its gRPC still over a socket), for tests that restart nothing;
+    namespaced, as `cosmo dispatcher` runs it."""
+    manager = RunManager(nats_url, poll_seconds=0.2, ack_wait=3.0, namespaced=True)
     server, _, port = create_server(manager, 0, "127.0.0.1")
     await manager.start()
     await server.start()
@@ -204,6 +205,112 @@ async def test_cancel_drops_the_queue_and_the_registry_outlives_the_dispatcher(
         await client.cancel("cancelme")
     async with dispatcher(nats_server.url) as client:
         assert (await client.get_status("cancelme"))["phase"] == "Cancelled"
+
+
+async def all_queued(client: DispatcherClient, run: str) -> dict[str, Any] | None:
+    status = await client.get_status(run)
+    ready = status["phase"] == "Generating" and status["queued"] == status["prompts"] > 0
+    return status if ready else None
+
+
+async def stream_messages(nats_url: str, run: str) -> int | None:
+    """Messages in the run's stream; None when it has none."""
+    nc = await nats.connect(nats_url)
+    try:
+        return int((await nc.jetstream().stream_info(queue.stream_name(run))).state.messages)
+    except NotFoundError:
+        return None
+    finally:
+        await nc.close()
+
+
+def in_namespace(document: dict[str, Any], namespace: str) -> dict[str, Any]:
+    document = copy.deepcopy(document)
+    document["metadata"]["namespace"] = namespace
+    return document
+
+
+async def test_the_same_name_in_two_namespaces_is_two_runs_that_finish_on_their_own(
+    nats_server: EmbeddedNats, tmp_path: Path, model_server: str
+) -> None:
+    out = tmp_path / "out"
+    first, second = "team-a/twin", "team-b/twin"
+    documents = {}
+    for key, limit in ((first, 2), (second, 5)):
+        document = in_namespace(spec("twin", out, limit=limit, maxNewTokens=4), key.split("/")[0])
+        document["spec"]["prompts"]["maxSeedChars"] = 100  # short prompts: the CPU model answers fast
+        documents[key] = document
+    with services(tmp_path) as processes:
+        async with dispatcher(nats_server.url) as client:
+            for key, document in documents.items():
+                started = await client.start_run(yaml.safe_dump(document))
+                assert started["run"] == key and started["output_uri"] == str(out / key)
+            assert [status["run"] for status in await client.list_runs()] == [first, second]
+            with pytest.raises(DispatcherError) as bare:
+                await client.get_status("twin")
+            assert bare.value.code == "NOT_FOUND" and f"{first}, {second}" in bare.value.details
+            a = await until(lambda: all_queued(client, first), 60, what="team-a's prompts queued")
+            b = await until(lambda: all_queued(client, second), 60, what="team-b's prompts queued")
+            assert a["prompts"] < b["prompts"]  # the two limits, each in its own run
+            assert queue.stream_name(first) != queue.stream_name(second)
+            assert await stream_messages(nats_server.url, first) == a["prompts"]
+            assert await stream_messages(nats_server.url, second) == b["prompts"]
+            assert await stream_messages(nats_server.url, "twin") is None  # no stream for the bare name
+
+            # team-a's worker drains team-a only: team-b's prompts wait for a worker of their own.
+            processes.worker(nats_server.url, out, first, model_server, "a")
+            done = await final_status(client, first, timeout=180)
+            assert (done["phase"], done["generated"]) == ("Succeeded", a["prompts"]), done
+            waiting = await client.get_status(second)
+            assert (waiting["phase"], waiting["generated"]) == ("Generating", 0)
+            assert waiting["queued"] == b["prompts"]
+            processes.worker(nats_server.url, out, second, model_server, "b")
+            other = await final_status(client, second, timeout=180)
+            assert (other["phase"], other["generated"]) == ("Succeeded", b["prompts"]), other
+
+    for key, rows in ((first, a["prompts"]), (second, b["prompts"])):
+        store = RunStore.open(str(out), key)
+        assert Path(store.root) == out / key
+        saved = yaml.safe_load(store.read_text("spec.yaml") or "")
+        assert (saved["metadata"]["name"], saved["metadata"]["namespace"]) == ("twin", key.split("/")[0])
+        dataset = read_dataset(store)
+        assert dataset is not None and dataset.num_rows == rows
+    assert not (out / "twin").exists()
+
+
+async def test_a_cancelled_run_keeps_its_data_and_starts_afresh_with_another_spec(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    key = "team-a/redo"
+    document = in_namespace(spec("redo", tmp_path, limit=3), "team-a")
+    async with dispatcher(nats_server.url) as client:
+        await client.start_run(yaml.safe_dump(document))
+        first = await until(lambda: all_queued(client, key), 60, what="prompts queued")
+        # An operator that restarts registers the run again: the same spec is the same run.
+        again = await client.start_run(yaml.safe_dump(document))
+        assert again["started_at"] == first["started_at"] and again["published"] == first["prompts"]
+        store = RunStore.open(str(tmp_path), key)
+        assert Path(store.root) == tmp_path / "team-a" / "redo"
+        manifest = store.ids_in(PROMPTS)
+        assert len(manifest) == first["prompts"]
+
+        cancelled = await client.cancel(key)
+        assert cancelled["phase"] == "Cancelled"
+        assert await stream_messages(nats_server.url, key) is None
+        assert store.ids_in(PROMPTS) == manifest and store.read_text("spec.yaml")  # data stays
+
+        # Another spec under the key, once the first is over: a fresh run with the new settings.
+        changed = copy.deepcopy(document)
+        changed["spec"]["prompts"]["limit"] = 6
+        changed["spec"]["generation"]["maxNewTokens"] = 7
+        fresh = await client.start_run(yaml.safe_dump(changed))
+        assert fresh["run"] == key and fresh["started_at"] > cancelled["started_at"]
+        queued_again = await until(lambda: all_queued(client, key), 60, what="the new spec's prompts queued")
+        assert queued_again["prompts"] > first["prompts"]
+        saved = yaml.safe_load(store.read_text("spec.yaml") or "")
+        assert saved["spec"]["generation"]["maxNewTokens"] == 7
+        assert [status["run"] for status in await client.list_runs()] == [key]
+        await client.cancel(key)
 
 
 async def test_unreachable_endpoint_and_unknown_model_fail_the_run_with_recorded_reasons(

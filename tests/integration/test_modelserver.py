@@ -311,6 +311,30 @@ def test_concurrent_requests_share_decode_steps_and_keep_their_own_seed(model_se
     assert asyncio.run(run([("The ocean is", 3)])) == asyncio.run(run([("The ocean is", 3)]))
 
 
+def test_concurrent_streams_each_get_all_their_tokens_and_one_end(model_server: str) -> None:
+    """A decode step's tokens reach their streams together; none is lost, mixed up or late."""
+
+    async def stream(client: AsyncClient, prompt: str) -> None:
+        pieces, last = [], None
+        async for response in client.generate_stream(prompt, max_new_tokens=12, stop_sequences=["\n\n"]):
+            if response.details is not None:
+                last = response
+            else:
+                pieces.append(response.token.text)
+        assert last is not None and last.generated_text == "".join(pieces)
+        assert 0 < last.details.generated_tokens <= 12
+
+    async def run() -> None:
+        client = AsyncClient(model_server, timeout=120)
+        prompts = ["Once upon a time", "The ocean is", "Bees make", "A prime number is"] * 2
+        await asyncio.gather(*(stream(client, prompt) for prompt in prompts))
+
+    asyncio.run(run())
+    stats = httpx.get(f"{model_server}/stats").json()
+    if stats["engine"] == "batched":
+        assert stats["active"] == 0 and stats["waiting"] == 0
+
+
 def test_stop_strings_cut_streamed_and_whole_answers_alike(model_server: str) -> None:
     client = Client(model_server, timeout=60)
     prompt, stop = "Count: one, two, three, four, five,", [","]

@@ -326,7 +326,7 @@ def test_the_operator_publishes_last_with_the_token_from_the_secret() -> None:
         "valueFrom": {"secretKeyRef": {"name": "hub-writer", "key": "hf"}},
     } in container["env"]
     document["spec"]["output"].pop("hub")
-    assert [s.name for s in post_stages(parse_run(document).spec)] == ["dedup", "decontaminate"]
+    assert [s.name for s in post_stages(parse_run(document).spec)] == ["compact", "dedup", "decontaminate"]
 
 
 def test_cosmo_run_publishes_last_when_the_spec_names_a_repo(

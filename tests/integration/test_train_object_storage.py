@@ -19,7 +19,7 @@ import pytest
 from cosmoforge.cli.main import main as cosmo
 from cosmoforge.training.cpu_train import RESUME_STATE, TrainConfig, train
 from cosmoforge.training.metrics import training_summary
-from cosmoforge.training.remote import read_bytes, upload_folder
+from cosmoforge.training.remote import read_bytes, upload_file, upload_folder
 
 DATA = Path(__file__).parents[1] / "data" / "training"
 TRAIN = ["--preset", "tiny", "--steps", "6", "--batch-size", "4", "--seq-len", "32", "--lr", "3e-3"]
@@ -33,7 +33,9 @@ class Crash(Exception):
 @pytest.fixture
 def bucket_tokens(s3_bucket: str) -> str:
     uri = f"s3://{s3_bucket}/run/tokens"
-    argv = ["tokenize", str(DATA / "dataset"), "--out", uri, "--tokenizer", str(DATA / "tokenizer.json")]
+    tokenizer = f"s3://{s3_bucket}/tokenizers/tokenizer.json"  # the tokenizer in the bucket too
+    upload_file(DATA / "tokenizer.json", tokenizer)
+    argv = ["tokenize", str(DATA / "dataset"), "--out", uri, "--tokenizer", tokenizer]
     assert cosmo(argv) == 0
     return uri
 

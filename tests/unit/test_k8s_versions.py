@@ -119,6 +119,12 @@ def operator_children() -> tuple[dict[str, Any], ...]:
     document["spec"]["clustering"] = {"gpu": True}
     document["spec"]["generation"]["serving"] = {"tolerations": [{"key": "gpu", "operator": "Exists"}]}
     documents += render_all(parse_run(document), PLATFORM)
+    # Dedup's MinHash steps and tokenization as Indexed Jobs of datatrove ranks.
+    document = small_run("ranked")
+    document["metadata"]["namespace"] = "gen"
+    document["spec"]["postprocess"] = {"ranks": 4, "decontaminate": {"enabled": False}}
+    document["spec"]["training"] = {"preset": "tiny", "evalTasks": ["arc_easy"]}
+    documents += render_all(parse_run(document), PLATFORM)
     # The nanotron training Job (Indexed completion mode) on two nodes, with its headless Service.
     document = small_run("nanotron")
     document["metadata"]["namespace"] = "gen"
@@ -155,6 +161,7 @@ def test_the_representative_runs_render_every_kind_of_child() -> None:
     assert {("Deployment", "inference"), ("Service", "inference"), ("Deployment", "generator")} <= kinds
     names = {d["metadata"]["name"] for d in children}
     assert {"tgi-decontaminate-workers", "tgi-train", "tgi-evaluate", "topical-cluster-0"} <= names
+    assert {"tgi-compact", "ranked-dedup-signatures", "ranked-dedup", "ranked-tokenize-ranks"} <= names
     assert any(d["kind"] == "Job" and "parallelism" in d["spec"] for d in children)  # a work queue
     assert any(d["kind"] == "Job" and d["spec"].get("completionMode") == "Indexed" for d in children)
     chart = {d["kind"] for d in chart_manifests()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from conftest import EXAMPLES
+from cosmoforge import queue
 from cosmoforge.operator.autoscale import decide, desired_replicas
 from cosmoforge.operator.progress import (
     Counts,
@@ -20,7 +21,9 @@ from cosmoforge.operator.progress import (
     progress_text,
     set_condition,
 )
+from cosmoforge.operator.reconcile import CONFLICT, conflict_message, conflict_resolved
 from cosmoforge.operator.render import Platform, stages
+from cosmoforge.queue import topology
 from cosmoforge.spec.model import Phase, load_run
 
 PLATFORM = Platform(output_base="s3://datasets/runs")
@@ -90,16 +93,18 @@ def test_a_restarted_autoscaler_does_not_scale_down_early() -> None:
 def test_stages_advance_one_at_a_time() -> None:
     run = load_run(EXAMPLES / "cosmopedia-mixtral.yaml")
     planned = stages(run, PLATFORM)
+    compact, dedup, decontam = planned[:3]
     assert next_step(planned, {}, False, []).phase == Phase.generating
     first = next_step(planned, {}, True, [])
-    assert first.phase == Phase.deduplicating and first.start == planned[0]
-    running = next_step(planned, {"dedup": JobState.running}, True, [])
-    assert running.phase == Phase.deduplicating and running.start is None
-    second = next_step(planned, {"dedup": JobState.succeeded}, True, [])
-    assert second.start == planned[1]
-    assert next_step(planned, {}, True, ["dedup"]).start == planned[1]
-    failed = next_step(planned, {"dedup": JobState.succeeded, "decontaminate": JobState.failed}, True, [])
-    assert failed.phase == Phase.failed and failed.failed == planned[1]
+    assert first.phase == Phase.compacting and first.start == compact
+    running = next_step(planned, {"compact": JobState.running}, True, [])
+    assert running.phase == Phase.compacting and running.start is None
+    second = next_step(planned, {"compact": JobState.succeeded}, True, [])
+    assert second.start == dedup and second.phase == Phase.deduplicating
+    assert next_step(planned, {}, True, ["compact", "dedup"]).start == decontam
+    compacted = {"compact": JobState.succeeded, "dedup": JobState.succeeded}
+    failed = next_step(planned, {**compacted, "decontaminate": JobState.failed}, True, [])
+    assert failed.phase == Phase.failed and failed.failed == decontam
     done = {s.name: JobState.succeeded for s in planned}
     assert next_step(planned, done, True, []).phase == Phase.succeeded
 
@@ -107,8 +112,8 @@ def test_stages_advance_one_at_a_time() -> None:
 def test_a_stage_with_workers_ends_with_its_own_job_and_fails_with_either() -> None:
     run = load_run(EXAMPLES / "cosmopedia-mixtral.yaml")
     planned = stages(run, PLATFORM)
-    dedup, decontam, tokenize = planned[:3]
-    done = {"dedup": JobState.succeeded}
+    dedup, decontam, tokenize = planned[1:4]
+    done = {"compact": JobState.succeeded, "dedup": JobState.succeeded}
 
     def step(**states: JobState) -> Any:
         jobs = {**done, **{name.replace("_", "-"): state for name, state in states.items()}}
@@ -181,3 +186,39 @@ def test_conditions_keep_their_transition_time_until_status_changes() -> None:
     assert again[0]["lastTransitionTime"] == first[0]["lastTransitionTime"] and again[0]["message"] == "still"
     flipped = set_condition(again, "Valid", False, "InvalidSpec")
     assert [c["status"] for c in flipped] == ["False"] and len(flipped) == 1
+
+
+# --- run identity ----------------------------------------------------------------------------
+
+
+def test_run_keys_streams_and_subjects_keep_namespaces_apart() -> None:
+    assert queue.run_key("team-a", "twin") == "team-a/twin" and queue.run_key(None, "twin") == "twin"
+    # The embedded `cosmo run` has no namespace: its names are the ones it always had.
+    assert queue.stream_name("twin") == "COSMO_TWIN" and queue.prompts_subject("twin") == "cosmo.twin.prompts"
+    keys = ["team-a/twin", "team-b/twin", "a-b/c", "a/b-c", "a--b/c", "a/b--c", "twin"]
+    streams = [queue.stream_name(key) for key in keys]
+    assert len(set(streams)) == len(keys), streams
+    for key, stream in zip(keys, streams, strict=True):
+        # JetStream refuses these in stream names; subjects use `.` between tokens.
+        assert not set(stream) & set(" .*>/\\") and len(stream) <= 255
+        for subject in (queue.prompts_subject(key), queue.events_subject(key)):
+            assert subject.count(".") == 2 and not set(subject) & set(" *>/")
+    longest = queue.run_key("n" * 63, "r" * 63)
+    assert len(topology.decontam_stream_name(longest)) <= 255
+    assert len({queue.prompts_subject(key) for key in keys}) == len(keys)
+
+
+def test_a_spec_conflict_is_registered_again_only_after_the_spec_changes() -> None:
+    conflicted = set_condition([], "Registered", False, CONFLICT, "the dispatcher refused gen/x")
+    status = {"phase": "Failed", "observedGeneration": 3}
+    assert not conflict_resolved(conflicted, 3, status)  # a timer pass: nothing changed
+    assert conflict_resolved(conflicted, 4, status)  # the spec changed: ask once more
+    unavailable = set_condition([], "Registered", False, "DispatcherUnavailable")
+    assert not conflict_resolved(unavailable, 4, status)
+    assert not conflict_resolved([], 4, status)
+
+
+def test_a_conflict_says_what_to_do_in_one_line() -> None:
+    details = "run 'gen/x' is Generating with another spec; cancel it first\nmore"
+    message = conflict_message("gen/x", details)
+    assert "\n" not in message and "cosmo cancel gen/x" in message and "is Generating" in message

@@ -31,9 +31,11 @@ from cosmoforge.operator.render import (
     generator_replicas,
     output_uri,
     render_all,
+    run_root,
     stage_jobs,
     stages,
 )
+from cosmoforge.operator.render.common import run_key
 from cosmoforge.operator.settings import OperatorSettings
 from cosmoforge.queue import CONSUMER, stream_name
 from cosmoforge.queue.topology import DECONTAM_ACK_WAIT_SECONDS as ACK_WAIT
@@ -292,7 +294,20 @@ def test_generator_points_at_the_server_nats_and_storage() -> None:
     assert env["COSMO_OUTPUT"] == "s3://datasets/runs/cosmoforge-runs"
     assert env["AWS_ENDPOINT_URL"] == "http://minio:9000"
     assert container["envFrom"] == [{"secretRef": {"name": "object-store"}}]
-    assert container["args"][:2] == ["worker", "--nats"] and "mixtral" in container["args"]
+    assert container["args"][:2] == ["worker", "--nats"]
+    # The key names the stream and, below COSMO_OUTPUT, the folder: the run's root, namespaced.
+    assert container["args"][container["args"].index("--run") + 1] == "gen/mixtral"
+    assert run_root(run, PLATFORM) == "s3://datasets/runs/cosmoforge-runs/gen/mixtral"
+
+
+def test_the_same_name_in_two_namespaces_is_two_runs() -> None:
+    document = small_run("twin", engine="tgi", model="mistralai/Mixtral-8x7B-Instruct-v0.1")
+    first, second, bare = run_from(document, "team-a"), run_from(document, "team-b"), parse_run(document)
+    assert [run_key(run) for run in (first, second, bare)] == ["team-a/twin", "team-b/twin", "twin"]
+    roots = {run_root(run, PLATFORM) for run in (first, second)}
+    assert roots == {f"s3://datasets/runs/cosmoforge-runs/{ns}/twin" for ns in ("team-a", "team-b")}
+    # Children keep their short names: a namespace already keeps them apart in Kubernetes.
+    assert named(render_all(first, PLATFORM), "twin-generator")["metadata"]["namespace"] == "team-a"
 
 
 def test_generators_scale_with_the_servers() -> None:
@@ -332,6 +347,7 @@ def test_every_child_runs_the_image_of_its_role(engine: str) -> None:
     runtime, post, trainer = "reg/runtime:1", "reg/post:1", "reg/trainer:1"
     expected = {
         "roles-generator": runtime,
+        "roles-compact": post,
         "roles-dedup": post,
         "roles-decontaminate": post,
         "roles-decontaminate-workers": post,
@@ -369,7 +385,7 @@ def test_keda_mode_renders_a_jetstream_scaled_object() -> None:
     assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (0, 6)
     (trigger,) = spec["triggers"]
     assert trigger["type"] == "nats-jetstream"
-    assert trigger["metadata"]["stream"] == stream_name("mixtral")
+    assert trigger["metadata"]["stream"] == stream_name("gen/mixtral")
     assert trigger["metadata"]["consumer"] == CONSUMER
     assert trigger["metadata"]["lagThreshold"] == "100"
     assert not by_kind(render_all(gpu_run(), PLATFORM), "ScaledObject")
@@ -382,9 +398,10 @@ def test_stages_run_in_order_and_chain_their_outputs() -> None:
     run = load_run(EXAMPLES / "cosmopedia-mixtral.yaml")
     run.spec.postprocess.decontaminate.workers = 1  # one Job per stage (workers: below)
     planned = stages(run, PLATFORM)
-    assert [s.name for s in planned] == ["dedup", "decontaminate", "tokenize", "train", "evaluate"]
+    assert [s.name for s in planned] == ["compact", "dedup", "decontaminate", "tokenize", "train", "evaluate"]
     root = "s3://my-datasets/cosmopedia/cosmopedia-mixtral"
-    assert planned[0].args[:2] == ("dedup", f"{root}/dataset")
+    assert planned[0].args == ("compact", root)
+    assert planned[1].args[:2] == ("dedup", f"{root}/dataset")
     for before, after in itertools.pairwise(planned):
         # Filtering stages hand on what they kept; the others hand on their whole output.
         kept = before.name in ("dedup", "decontaminate")
@@ -392,7 +409,7 @@ def test_stages_run_in_order_and_chain_their_outputs() -> None:
     parser = build_parser()
     for stage in planned:  # every Job's arguments are accepted by the real command line
         assert parser.parse_args(list(stage.args)).command == stage.name
-    decontam = planned[1].args
+    decontam = planned[2].args
     assert decontam.count("--benchmark") == 9 and decontam[decontam.index("--threshold") + 1] == "0.5"
     jobs = by_kind(render_all(run, PLATFORM), "Job")
     # One Job per stage, in order (the `small` preset's train Job runs nanotron, not `cosmo train`).
@@ -427,7 +444,7 @@ def test_one_decontamination_worker_is_the_single_job_as_before() -> None:
     assert job["metadata"]["name"] == "clean-decontaminate"
     assert job["spec"]["backoffLimit"] == 2 and "parallelism" not in job["spec"]
     (container,) = job["spec"]["template"]["spec"]["containers"]
-    root = "s3://datasets/runs/cosmoforge-runs/clean"
+    root = "s3://datasets/runs/cosmoforge-runs/gen/clean"
     assert container["args"] == [
         "decontaminate", f"{root}/dedup/kept.parquet", "--out", f"{root}/decontam",
         "--benchmark", "mmlu", "--benchmark", "piqa",
@@ -454,18 +471,18 @@ def test_decontamination_workers_render_a_submit_job_and_a_worker_pool() -> None
     assert pool["spec"]["backoffLimit"] >= 3
 
     parser = build_parser()
-    root, out = "s3://datasets/runs/cosmoforge-runs/clean", "s3://datasets/runs/cosmoforge-runs"
+    root, out = "s3://datasets/runs/cosmoforge-runs/gen/clean", "s3://datasets/runs/cosmoforge-runs"
     (submitter,) = submit["spec"]["template"]["spec"]["containers"]
     args = parser.parse_args(submitter["args"])
     assert args.command == "decontaminate-submit" and args.func.__name__ == "run_decontaminate_submit"
-    assert (args.nats, args.run, args.out) == (PLATFORM.nats_url, "clean", out)
+    assert (args.nats, args.run, args.out) == (PLATFORM.nats_url, "gen/clean", out)
     assert args.input == f"{root}/dedup/kept.parquet"  # what dedup kept, as the single Job reads
     assert args.wait and not args.spawn and args.timeout is None
 
     (worker,) = pool["spec"]["template"]["spec"]["containers"]
     args = parser.parse_args(worker["args"])
     assert args.command == "decontaminate-worker" and args.func.__name__ == "run_decontaminate_worker"
-    assert (args.nats, args.run, args.out) == (PLATFORM.nats_url, "clean", out)
+    assert (args.nats, args.run, args.out) == (PLATFORM.nats_url, "gen/clean", out)
     assert args.worker_id == "$(POD_NAME)"
     assert env_of(worker)["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     # Checking processes = the pod's CPU request, not the node's cores.
@@ -489,7 +506,7 @@ def test_decontamination_workers_keep_the_stage_chain() -> None:
     run = load_run(EXAMPLES / "cosmopedia-mixtral.yaml")
     assert run.spec.postprocess.decontaminate.workers == 8
     planned = stages(run, PLATFORM)
-    decontam, tokenize = planned[1], planned[2]
+    decontam, tokenize = planned[2], planned[3]
     assert decontam.pool is not None and decontam.pool.size == 8
     assert decontam.parts == ("decontaminate", "decontaminate-workers")
     assert tokenize.args[1] == f"{decontam.output}/kept.parquet"
@@ -501,8 +518,10 @@ def test_decontamination_workers_keep_the_stage_chain() -> None:
 def test_disabled_stages_are_not_rendered() -> None:
     run = load_run(EXAMPLES / "quickstart.yaml")
     run.spec.postprocess.dedup.enabled = False
-    assert stages(run, PLATFORM) == []
-    assert not by_kind(render_all(run, PLATFORM), "Job")
+    # Compaction is never disabled: it is how the generation shards become the dataset.
+    assert [s.name for s in stages(run, PLATFORM)] == ["compact"]
+    (job,) = by_kind(render_all(run, PLATFORM), "Job")
+    assert job["metadata"]["name"] == "quickstart-compact"
 
 
 def test_output_on_a_pods_own_disk_is_refused() -> None:
@@ -523,8 +542,8 @@ def test_cosmo_render_prints_every_manifest(capsys: pytest.CaptureFixture[str]) 
     assert main(["render", str(example), "--namespace", "gen"]) == 0
     documents = list(yaml.safe_load_all(capsys.readouterr().out))
     kinds = [d["kind"] for d in documents]
-    # Dedup, decontamination (submitter and worker pool), tokenize, train, evaluate.
-    assert kinds == ["Deployment", "Service", "Deployment", "Job", "Job", "Job", "Job", "Job", "Job"]
+    # Compact, dedup, decontamination (submitter and worker pool), tokenize, train, evaluate.
+    assert kinds == ["Deployment", "Service", "Deployment", *["Job"] * 7]
     for document in documents:
         validate_manifest(document)
     assert main(["render", str(EXAMPLES / "quickstart.yaml")]) == 1

@@ -17,6 +17,7 @@ from cosmoforge.runs.stages import (
 )
 from cosmoforge.spec.model import GenerationRunSpec, Phase, parse_run
 
+COMPACT = ("compact", Phase.compacting, "generations", "dataset")  # always first: shards -> dataset
 DEDUP = ("dedup", Phase.deduplicating, "dataset", "dedup")
 DECONTAM_AFTER_DEDUP = ("decontaminate", Phase.decontaminating, "dedup/kept.parquet", "decontam")
 DECONTAM_ALONE = ("decontaminate", Phase.decontaminating, "dataset", "decontam")
@@ -65,7 +66,7 @@ def test_stages_follow_the_spec_and_read_what_the_previous_one_kept(
     dedup: bool, decontam: bool, training: dict[str, Any] | None, expected: list[tuple[Any, ...]]
 ) -> None:
     spec = spec_of(dedup, decontam, training)
-    assert post_stages(spec) == [PlannedStage(*row) for row in expected]
+    assert post_stages(spec) == [PlannedStage(*row) for row in [COMPACT, *expected]]
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from cosmoforge.cli.main import main as cosmo
-from cosmoforge.operator.render import Platform, RenderError, stage_jobs, stages
+from cosmoforge.operator.render import Platform, stage_jobs, stages
 from cosmoforge.spec.model import GenerationRun, SpecError, TrainingSpec, parse_run
 from cosmoforge.training import TrainingError
 from cosmoforge.training.cpu_train import TrainConfig, learning_rate_at
@@ -640,12 +640,12 @@ def test_1b_job_requests_gpus_and_passes_strict_validation() -> None:
     assert service["spec"]["selector"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
     # Prepare, train and convert all read and write the run's folder in object storage.
     assert (
-        "prepare --root s3://bucket/runs/cosmo-1b-repro --tokens s3://bucket/runs/cosmo-1b-repro/tokens"
+        "prepare --root s3://bucket/runs/training/cosmo-1b-repro --tokens s3://bucket/runs/training/cosmo-1b-repro/tokens"
         in script
     )
-    assert "--checkpoints s3://bucket/runs/cosmo-1b-repro/checkpoints/nanotron" in script
-    assert "--metrics s3://bucket/runs/cosmo-1b-repro/checkpoints/progress.json" in script
-    assert "convert-checkpoint s3://bucket/runs/cosmo-1b-repro/checkpoints/nanotron" in script
+    assert "--checkpoints s3://bucket/runs/training/cosmo-1b-repro/checkpoints/nanotron" in script
+    assert "--metrics s3://bucket/runs/training/cosmo-1b-repro/checkpoints/progress.json" in script
+    assert "convert-checkpoint s3://bucket/runs/training/cosmo-1b-repro/checkpoints/nanotron" in script
     assert subprocess.run(["sh", "-n", "-c", script], check=False).returncode == 0
 
 
@@ -666,10 +666,16 @@ def test_single_node_job_tiny_stays_on_the_cpu_and_strict_validation_rejects_typ
     (two_nodes_of_four, job) = stage_manifests(run_with_training(dp=2, tp=4, gpusPerNode=4), "train")
     assert job["spec"]["completions"] == 2 and two_nodes_of_four["kind"] == "Service"
 
+    # A run name as long as Kubernetes allows still trains: the Job's name leaves room for the
+    # index in its pods' hostnames, and the rendezvous address is the first of them.
     long_name = run_with_training(dp=16)
-    long_name.metadata.name = "a" * 56
-    with pytest.raises(RenderError, match="too long for the training pods' hostnames"):
-        stage_manifests(long_name, "train")
+    long_name.metadata.name = "a" * 63
+    service, job = stage_manifests(long_name, "train")
+    hostnames = [f"{job['metadata']['name']}-{index}" for index in range(job["spec"]["completions"])]
+    assert all(len(hostname) <= 63 for hostname in hostnames)
+    script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert f"--master_addr={hostnames[0]}.{service['metadata']['name']}" in script
+    kubernetes_validate.validate(job, "1.37.0", strict=True)
 
     (tiny,) = stage_manifests(run_with_training(dp=1, batch_size=8, preset="tiny"), "train")
     container = tiny["spec"]["template"]["spec"]["containers"][0]
@@ -681,7 +687,7 @@ def test_single_node_job_tiny_stays_on_the_cpu_and_strict_validation_rejects_typ
 def test_a_gpu_presets_evaluation_runs_on_a_gpu_and_the_tiny_one_on_the_cpu() -> None:
     (evaluate_1b,) = stage_manifests(run_with_training(dp=8), "evaluate")
     container = evaluate_1b["spec"]["template"]["spec"]["containers"][0]
-    assert container["args"][:2] == ["evaluate", "s3://bucket/runs/cosmo-1b-repro/checkpoints"]
+    assert container["args"][:2] == ["evaluate", "s3://bucket/runs/training/cosmo-1b-repro/checkpoints"]
     assert container["args"][-2:] == ["--device", "cuda"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     (evaluate_tiny,) = stage_manifests(run_with_training(dp=1, batch_size=8, preset="tiny"), "evaluate")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
+from cosmoforge.queue import topology
 from cosmoforge.queue.auth import has_credentials
 from cosmoforge.redaction import redact_urls
 from cosmoforge.spec.confinement import StoragePolicy
@@ -137,14 +138,19 @@ class Platform:
 # --- names and labels ---------------------------------------------------------------------
 
 
+# An Indexed Job's pods get the hostname `<job>-<index>`, a DNS label too (nanotron's nodes
+# meet at `<job>-0`): every child's name leaves room for an index of up to five digits.
+MAX_CHILD_NAME = 63 - len("-99999")
+
+
 def child_name(run: str, part: str) -> str:
-    """`<run>-<part>`, a valid DNS-1035 label (services need one) of at most 63 characters."""
+    """`<run>-<part>`, a valid DNS-1035 label (services need one) that an index still fits after."""
     base = run if run[0].isalpha() else f"gr-{run}"
     name = f"{base}-{part}"
-    if len(name) <= 63:
+    if len(name) <= MAX_CHILD_NAME:
         return name
     digest = hashlib.sha256(run.encode()).hexdigest()[:8]
-    keep = 63 - len(part) - len(digest) - 2
+    keep = MAX_CHILD_NAME - len(part) - len(digest) - 2
     return f"{base[:keep].rstrip('-')}-{digest}-{part}"
 
 
@@ -182,8 +188,18 @@ def _no_credentials(field: str, uri: str) -> str:
     return uri
 
 
+def run_key(run: GenerationRun) -> str:
+    """The run's identity outside Kubernetes: `<namespace>/<name>` (the bare name for a spec
+    rendered without a namespace). The dispatcher's registry and the run's stream are named by
+    it, and it is the run's folder below `output_uri`: give it to every `--run` next to an
+    `--out output_uri(...)`, so that commands find `run_root`."""
+    return topology.run_key(run.metadata.namespace, run.name)
+
+
 def output_uri(run: GenerationRun, platform: Platform) -> str:
-    """The run's `output.uri` as pods can reach it: object storage, never a pod's own disk."""
+    """The run's `output.uri` as pods can reach it: object storage, never a pod's own disk.
+
+    Shared by every run that names it: each run's data lives in its own `run_root` below."""
     uri = _no_credentials("spec.output.uri", run.spec.output.uri)
     if "://" in uri and not uri.startswith("file://"):
         return uri.rstrip("/")
@@ -197,7 +213,9 @@ def output_uri(run: GenerationRun, platform: Platform) -> str:
 
 
 def run_root(run: GenerationRun, platform: Platform) -> str:
-    return f"{output_uri(run, platform)}/{run.name}"
+    """`<output.uri>/<namespace>/<name>`: the same name in two namespaces never shares a folder.
+    The dispatcher's `RunStore` for the run and the generators' `--out`/`--run` land here too."""
+    return f"{output_uri(run, platform)}/{run_key(run)}"
 
 
 def deploys_server(run: GenerationRun) -> bool:

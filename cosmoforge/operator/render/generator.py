@@ -15,6 +15,7 @@ from cosmoforge.operator.render.common import (
     endpoint_url,
     env_var,
     output_uri,
+    run_key,
     secret_env,
     selector_labels,
 )
@@ -25,8 +26,9 @@ METRICS_PORT = 9100
 
 
 def generator_args(run: GenerationRun) -> list[str]:
+    # The key, not the name: it names the run's stream and, below `--out`, its folder.
     return [
-        "worker", "--nats", "$(COSMO_NATS_URL)", "--out", "$(COSMO_OUTPUT)", "--run", run.name,
+        "worker", "--nats", "$(COSMO_NATS_URL)", "--out", "$(COSMO_OUTPUT)", "--run", run_key(run),
         "--endpoint", "$(COSMO_ENDPOINT)", "--worker-id", "$(POD_NAME)",
         "--metrics-port", str(METRICS_PORT), "--log-format", "json",
     ]  # fmt: skip

@@ -20,13 +20,17 @@ from cosmoforge.operator.render.common import (
     cosmo_container,
     cosmo_pod,
     output_uri,
+    run_key,
     run_root,
     secret_env,
     selector_labels,
 )
+from cosmoforge.postprocess.dedup_ranks import STEPS as DEDUP_STEPS
+from cosmoforge.postprocess.dedup_ranks import step_world_size
 from cosmoforge.runs.stages import PlannedStage, post_stages
 from cosmoforge.spec.model import GenerationRun, Phase, TrainingSpec
 from cosmoforge.training import job as nanotron
+from cosmoforge.training import tokenize_ranks
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,9 @@ class Stage:
     env: tuple[dict[str, Any], ...] = ()
     kind: str = ""  # what the stage does, when several Jobs do it (cluster-0, cluster-1): its name
     gpus: int = 0
+    # Pods of an Indexed Job, each a datatrove rank (its completion index) of `ranks`; the
+    # command reads its rank from JOB_COMPLETION_INDEX and is given the world size.
+    ranks: int = 1
 
     @property
     def role(self) -> Role:
@@ -80,6 +87,7 @@ class Stage:
 # PyTorch, nanotron and lighteval.
 STAGE_ROLES: dict[str, Role] = {
     "cluster": Role.postprocess,
+    "compact": Role.postprocess,
     "dedup": Role.postprocess,
     "decontaminate": Role.postprocess,
     "tokenize": Role.postprocess,
@@ -94,6 +102,7 @@ STAGE_ROLES: dict[str, Role] = {
 HOUR = 3600
 STAGE_DEADLINES: dict[str, int] = {
     "cluster": 24 * HOUR,
+    "compact": 12 * HOUR,
     "dedup": 24 * HOUR,
     "decontaminate": 24 * HOUR,
     "tokenize": 24 * HOUR,
@@ -110,14 +119,38 @@ DECONTAM_WORKER_CPU = 2
 DECONTAM_IDLE_EXIT = 600
 
 
-def _dedup_stage(run: GenerationRun, platform: Platform, planned: PlannedStage) -> Stage:
+def _step_name(stage: str, step: str, last: bool) -> str:
+    # The last step carries the stage's name: its Job ending is the stage ending.
+    if last:
+        return stage
+    return f"{stage}-ranks" if step == stage else f"{stage}-{step}"
+
+
+def _compact_stage(run: GenerationRun, platform: Platform, planned: PlannedStage) -> Stage:
+    # Streams the shards bucket by bucket: memory stays at one bucket whatever the run's size.
     root = run_root(run, platform)
-    dedup = run.spec.postprocess.dedup
-    args: tuple[str, ...] = ("dedup", f"{root}/{planned.input}", "--out", f"{root}/{planned.output}")
-    args += ("--ngram", str(dedup.ngram))
+    return Stage(planned.name, planned.phase, ("compact", root), f"{root}/{planned.output}", "1", "2Gi")
+
+
+def _dedup_stage(run: GenerationRun, platform: Platform, planned: PlannedStage) -> Stage | list[Stage]:
+    """One `cosmo dedup` Job, or with `postprocess.ranks` > 1 datatrove's MinHash steps as a chain
+    of Indexed Jobs (signatures and filter over the ranks, one Job per step: each step needs
+    every rank of the one before)."""
+    root = run_root(run, platform)
+    dedup, ranks = run.spec.postprocess.dedup, run.spec.postprocess.ranks
+    out = f"{root}/{planned.output}"
+    args: tuple[str, ...] = ("dedup", f"{root}/{planned.input}", "--out", out, "--ngram", str(dedup.ngram))
     args += ("--buckets", str(dedup.buckets), "--hashes-per-bucket", str(dedup.hashes_per_bucket))
     args += () if dedup.exact else ("--no-exact",)
-    return Stage(planned.name, planned.phase, args, f"{root}/{planned.output}", cpu="2", memory="8Gi")
+    if ranks == 1:
+        return Stage(planned.name, planned.phase, args, out, cpu="2", memory="8Gi")
+    steps = []
+    for step in DEDUP_STEPS:
+        world = step_world_size(step, ranks, dedup.buckets)
+        ranked = (*args, "--step", step, "--world-size", str(world))
+        name = _step_name(planned.name, step, last=step == DEDUP_STEPS[-1])
+        steps.append(Stage(name, planned.phase, ranked, out, "1", "4Gi", kind=planned.name, ranks=world))
+    return steps
 
 
 def _decontaminate_stage(run: GenerationRun, platform: Platform, planned: PlannedStage) -> Stage:
@@ -134,9 +167,9 @@ def _decontaminate_stage(run: GenerationRun, platform: Platform, planned: Planne
         return Stage(planned.name, planned.phase, args, out_folder, "2", "8Gi")
     # Both read the settings from <out>/<run>/spec.yaml, which the dispatcher writes for the run.
     out, nats = output_uri(run, platform), platform.nats_url
-    submit: tuple[str, ...] = ("decontaminate-submit", "--nats", nats, "--run", run.name, "--out", out)
+    submit: tuple[str, ...] = ("decontaminate-submit", "--nats", nats, "--run", run_key(run), "--out", out)
     submit += ("--input", source, "--wait")
-    worker: tuple[str, ...] = ("decontaminate-worker", "--nats", nats, "--run", run.name, "--out", out)
+    worker: tuple[str, ...] = ("decontaminate-worker", "--nats", nats, "--run", run_key(run), "--out", out)
     worker += ("--workers", str(DECONTAM_WORKER_CPU), "--worker-id", "$(POD_NAME)")
     worker += ("--idle-exit", str(DECONTAM_IDLE_EXIT))
     pool = Pool("decontaminate-workers", decontam.workers, worker, cpu=str(DECONTAM_WORKER_CPU))
@@ -150,11 +183,22 @@ def _training(run: GenerationRun) -> TrainingSpec:
     return training
 
 
-def _tokenize_stage(run: GenerationRun, platform: Platform, planned: PlannedStage) -> Stage:
+def _tokenize_stage(run: GenerationRun, platform: Platform, planned: PlannedStage) -> Stage | list[Stage]:
+    """One `cosmo tokenize` Job, or with `postprocess.ranks` > 1 an Indexed Job of datatrove
+    tokenizer ranks, then one Job that merges their token files."""
     root = run_root(run, platform)
-    out = f"{root}/{planned.output}"
+    out, ranks = f"{root}/{planned.output}", run.spec.postprocess.ranks
     args = ("tokenize", f"{root}/{planned.input}", "--out", out, "--tokenizer", _training(run).tokenizer)
-    return Stage(planned.name, planned.phase, args, out, cpu="2")
+    if ranks == 1:
+        return Stage(planned.name, planned.phase, args, out, cpu="2")
+    steps = []
+    for step in tokenize_ranks.STEPS:
+        # The merge is one pod that gathers all the ranks: its --world-size names how many.
+        world = tokenize_ranks.step_world_size(step, ranks)
+        ranked = (*args, "--step", step, "--world-size", str(ranks))
+        name = _step_name(planned.name, step, last=step == tokenize_ranks.STEPS[-1])
+        steps.append(Stage(name, planned.phase, ranked, out, "2", "4Gi", kind=planned.name, ranks=world))
+    return steps
 
 
 def _train_stage(run: GenerationRun, platform: Platform, planned: PlannedStage) -> Stage:
@@ -194,7 +238,8 @@ def _publish_stage(run: GenerationRun, platform: Platform, planned: PlannedStage
     return Stage(planned.name, planned.phase, args, out, cpu="1", memory="2Gi", env=env)
 
 
-_STAGE_JOBS: dict[str, Callable[[GenerationRun, Platform, PlannedStage], Stage]] = {
+_STAGE_JOBS: dict[str, Callable[[GenerationRun, Platform, PlannedStage], Stage | list[Stage]]] = {
+    "compact": _compact_stage,
     "dedup": _dedup_stage,
     "decontaminate": _decontaminate_stage,
     "tokenize": _tokenize_stage,
@@ -206,7 +251,11 @@ _STAGE_JOBS: dict[str, Callable[[GenerationRun, Platform, PlannedStage], Stage]]
 
 def stages(run: GenerationRun, platform: Platform) -> list[Stage]:
     """Post-processing Jobs in the order `post_stages` plans them, reading what it says."""
-    return [_STAGE_JOBS[planned.name](run, platform, planned) for planned in post_stages(run.spec)]
+    result: list[Stage] = []
+    for planned in post_stages(run.spec):
+        rendered = _STAGE_JOBS[planned.name](run, platform, planned)
+        result.extend(rendered if isinstance(rendered, list) else [rendered])
+    return result
 
 
 def _resources(cpu: str, memory: str) -> dict[str, Any]:
@@ -245,18 +294,18 @@ def stage_job(run: GenerationRun, platform: Platform, stage: Stage) -> Manifest:
             pod["nodeSelector"] = dict(serving.node_selector)
         if serving.tolerations:
             pod["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in serving.tolerations]
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": meta,
-        "spec": {
-            # A stage that fails twice more fails the run; no TTL: the operator reads the Job's end.
-            "backoffLimit": 2,
-            "activeDeadlineSeconds": stage.deadline_seconds,
-            "podFailurePolicy": _pod_failure_policy(stage.name),
-            "template": {"metadata": {"labels": dict(meta["labels"])}, "spec": pod},
-        },
+    spec: Manifest = {
+        # A stage that fails twice more fails the run; no TTL: the operator reads the Job's end.
+        "backoffLimit": 2,
+        "activeDeadlineSeconds": stage.deadline_seconds,
+        "podFailurePolicy": _pod_failure_policy(stage.name),
+        "template": {"metadata": {"labels": dict(meta["labels"])}, "spec": pod},
     }
+    if stage.ranks > 1:
+        # A pod that fails is replaced with the same index; each rank redoes only its own share.
+        spec |= {"completionMode": "Indexed", "completions": stage.ranks, "parallelism": stage.ranks}
+        spec["backoffLimit"] = 2 * stage.ranks
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
 
 
 def pool_job(run: GenerationRun, platform: Platform, stage: Stage) -> Manifest | None:

@@ -7,7 +7,14 @@ Only rendered when `generation.autoscaling.mode` is `keda`; otherwise the operat
 from __future__ import annotations
 
 from cosmoforge import queue
-from cosmoforge.operator.render.common import Manifest, Platform, child_metadata, child_name, deploys_server
+from cosmoforge.operator.render.common import (
+    Manifest,
+    Platform,
+    child_metadata,
+    child_name,
+    deploys_server,
+    run_key,
+)
 from cosmoforge.spec.model import GenerationRun
 
 
@@ -41,7 +48,7 @@ def scaled_object(run: GenerationRun, platform: Platform) -> Manifest | None:
                     "metadata": {
                         "natsServerMonitoringEndpoint": platform.nats_monitoring,
                         "account": "$G",
-                        "stream": queue.stream_name(run.name),
+                        "stream": queue.stream_name(run_key(run)),
                         "consumer": queue.CONSUMER,
                         "lagThreshold": str(generation.autoscaling.target_queue_per_replica),
                         "activationLagThreshold": "0",

@@ -146,7 +146,8 @@ async def serve(
     ui_port: int | None = None,
 ) -> None:
     """Run the dispatcher until SIGTERM or SIGINT; with `ui_port`, serve the run pages too."""
-    manager = RunManager(nats_url, compact=compact, use_wandb=use_wandb, ack_wait=ack_wait)
+    # A dispatcher serves a cluster: runs are told apart by namespace as well as name.
+    manager = RunManager(nats_url, compact=compact, use_wandb=use_wandb, ack_wait=ack_wait, namespaced=True)
     server, health_servicer, bound = create_server(manager, port, host, security)
     stop = grpcbase.stop_on_signals()
     try:

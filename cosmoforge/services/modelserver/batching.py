@@ -9,6 +9,8 @@ answer never holds up a short one. Each sequence samples with its own sampler ch
 temperature, top-p, seed, repetition penalty and grammar) from its own row of logits, and
 `TextStream` cuts its text at its stop strings and `max_new_tokens`. Grammar-constrained
 requests are batched like the others: the grammar is one more sampler in the sequence's chain.
+A step's tokens reach the event loop in one hand-off, which the next step waits for (briefly), so
+the loop's thread never takes a core from llama.cpp's threads mid-step (`_deliver`).
 
 The low-level API (`llama_batch_init`, `llama_decode`, `llama_sampler_sample`) is used
 directly: llama-cpp-python's `Llama` object decodes one sequence at a time.
@@ -20,7 +22,6 @@ import asyncio
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +45,10 @@ from cosmoforge.services.modelserver.llama import (
     seed_of,
 )
 
-Emit = Callable[[Token | Finished | BaseException], None]
+Event = Token | Finished | BaseException
+# How long a decode step waits for the event loop to take the previous step's tokens: long
+# enough for a loop with nothing else to do, short enough that a busy one never stalls decoding.
+HANDOFF_WAIT = 0.02
 
 
 @dataclass
@@ -54,7 +58,8 @@ class Sequence:
     pending: list[int]  # tokens to feed at the next step: the prompt, then the last sampled token
     text: TextStream
     sampler: Any  # llama_sampler_p: this request's chain, freed when it leaves
-    emit: Emit
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Event]
     cancelled: threading.Event = field(default_factory=threading.Event)
     seq_id: int = -1
     pos: int = 0  # position of pending[0] in the sequence
@@ -90,7 +95,10 @@ class BatchedEngine(Engine):
         self.wake = threading.Condition()
         self.closed = False
         self.counts = {"requests": 0, "steps": 0, "tokens": 0, "batched_tokens": 0}
-        self.seconds = {"decode": 0.0, "sample": 0.0}  # where the decode loop's time goes
+        self.seconds = {"decode": 0.0, "sample": 0.0, "handoff": 0.0}  # where the decode loop's time goes
+        # A step's tokens, handed to the event loop in one call: a wake-up per token would put
+        # the loop's thread on a core eight times a step, preempting llama.cpp's own threads.
+        self.outbox: list[tuple[Sequence, Event]] = []
         self.thread = threading.Thread(target=self._loop, name="decode-loop", daemon=True)
         self.thread.start()
 
@@ -98,13 +106,9 @@ class BatchedEngine(Engine):
         tokens = self.model.tokens(job)
         budget = room_for(job, len(tokens), self.model.n_ctx)
         sampler = self._sampler(job.params, self.model.grammar(job.schema))
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Token | Finished | BaseException] = asyncio.Queue()
-
-        def emit(item: Token | Finished | BaseException) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        sequence = Sequence(tokens, self.model.text_stream(job.params, budget), sampler, emit)
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        text = self.model.text_stream(job.params, budget)
+        sequence = Sequence(tokens, text, sampler, asyncio.get_running_loop(), queue)
         with self.wake:
             self.counts["requests"] += 1
             self.waiting.append(sequence)
@@ -142,6 +146,7 @@ class BatchedEngine(Engine):
             decoded = time.perf_counter()
             if rc != 0:
                 self._fail_all(RuntimeError(f"llama_decode failed with status {rc}"))
+                self._deliver()
                 continue
             for sequence, index in outputs:
                 self._sample(sequence, index)
@@ -151,6 +156,9 @@ class BatchedEngine(Engine):
             self.seconds["sample"] += time.perf_counter() - decoded
             for sequence in [s for s in self.active if s.text.finish is not None or s.cancelled.is_set()]:
                 self._leave(sequence)
+            sampled = time.perf_counter()
+            self._deliver()
+            self.seconds["handoff"] += time.perf_counter() - sampled
 
     def _admit(self) -> bool:
         """Let waiting requests take free slots; block while there is nothing to decode."""
@@ -202,14 +210,42 @@ class BatchedEngine(Engine):
         piece = sequence.text.push(token)
         self.counts["tokens"] += 1
         if piece:
-            sequence.emit(Token(piece))
+            self.outbox.append((sequence, Token(piece)))
         sequence.pending = [token]
+
+    def _deliver(self, wait: bool = True) -> None:
+        """Hand the step's events to their event loops, and let the loops write them out before
+        the next step starts.
+
+        llama.cpp's threads wait for one another at every operation of a step, spinning; on a
+        machine with as many cores as threads, the event loop's thread waking mid-step takes a
+        core from one of them and the others spin until it is back. So a step's tokens go over
+        in one call per loop, and the next step waits (a little, at most) for the loop to have
+        run the streams they woke.
+        """
+        if not self.outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Sequence, Event]]] = {}
+        for sequence, event in self.outbox:
+            by_loop.setdefault(sequence.loop, []).append((sequence, event))
+        self.outbox = []
+        handed: list[threading.Event] = []
+        for loop, events in by_loop.items():
+            done = threading.Event()
+            try:
+                loop.call_soon_threadsafe(_put_all, loop, events, done)
+            except RuntimeError:  # a loop already closed has no reader left
+                continue
+            handed.append(done)
+        deadline = time.monotonic() + (HANDOFF_WAIT if wait else 0.0)
+        for done in handed:
+            done.wait(max(0.0, deadline - time.monotonic()))
 
     def _leave(self, sequence: Sequence) -> None:
         import llama_cpp
 
         if not sequence.cancelled.is_set():
-            sequence.emit(Finished(sequence.text.finish or "stop", sequence.text.count))
+            self.outbox.append((sequence, Finished(sequence.text.finish or "stop", sequence.text.count)))
         llama_cpp.llama_memory_seq_rm(self.memory, sequence.seq_id, -1, -1)
         self._free_sampler(sequence)
         with self.wake:
@@ -218,7 +254,7 @@ class BatchedEngine(Engine):
 
     def _fail_all(self, error: BaseException) -> None:
         for sequence in list(self.active):
-            sequence.emit(error)
+            self.outbox.append((sequence, error))
             sequence.cancelled.set()
             self._leave(sequence)
 
@@ -252,8 +288,18 @@ class BatchedEngine(Engine):
             self.wake.notify()
         self.thread.join(timeout=30)
         self._fail_all(RuntimeError("the model server is shutting down"))
+        self._deliver(wait=False)  # called on the event loop's thread: it cannot wait for itself
         for sequence in self.waiting:
             self._free_sampler(sequence)
         llama_cpp.llama_batch_free(self.batch)
         llama_cpp.llama_free(self.ctx)
         self.ctx = None
+
+
+def _put_all(
+    loop: asyncio.AbstractEventLoop, events: list[tuple[Sequence, Event]], done: threading.Event
+) -> None:
+    for sequence, event in events:
+        sequence.queue.put_nowait(event)
+    # Queued behind the wake-ups of the streams just fed, so it runs once they have.
+    loop.call_soon(done.set)

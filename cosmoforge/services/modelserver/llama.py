@@ -94,6 +94,14 @@ def weights_path(weights: str = "q4_1") -> Path:
     return target
 
 
+def available_cores() -> int:
+    """The cores this process may run on (a container's or taskset's share, not the host's)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 class LlamaModel:
     """The weights, vocabulary and chat template, loaded once per process.
 
@@ -115,7 +123,7 @@ class LlamaModel:
         self.model_id = model_id
         self.n_ctx = n_ctx
         self.dtype = f"gguf-{dtype}"
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads or available_cores()
         self.llama = Llama(
             model_path=str(model_path),
             n_ctx=n_ctx,
