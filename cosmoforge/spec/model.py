@@ -1,7 +1,9 @@
 """The `GenerationRun` spec: one pydantic model that the CLI, the CRD and the operator share.
 
 Field names are camelCase in YAML (Kubernetes convention) and snake_case in Python. Defaults
-follow the Cosmopedia recipe, so a short spec already describes a sensible run.
+follow the Cosmopedia recipe, so a short spec already describes a sensible run. One file, past
+the usual size: the CRD's schema is generated from this one model, and its parts refer to each
+other's limits and defaults.
 """
 
 from __future__ import annotations
