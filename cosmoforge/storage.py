@@ -55,8 +55,12 @@ class RunStore:
         self.write_bytes(relative, text.encode("utf-8"))
 
     def read_text(self, relative: str) -> str | None:
-        path = self.path(relative)
-        return self.fs.cat_file(path).decode("utf-8") if self.fs.exists(path) else None
+        # Asked of the store itself, not of a cached listing, and in one request: another process
+        # may have written or removed the file since this one last looked.
+        try:
+            return self.fs.cat_file(self.path(relative)).decode("utf-8")
+        except FileNotFoundError:
+            return None
 
     def write_bytes(self, relative: str, data: bytes) -> None:
         with self.open_atomic(relative) as handle:
@@ -124,9 +128,8 @@ class RunStore:
         return done
 
     def remove(self, folder: str) -> None:
-        path = self.path(folder)
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
+        with contextlib.suppress(FileNotFoundError):  # absent, or another process removed it first
+            self.fs.rm(self.path(folder), recursive=True)
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:

@@ -5,7 +5,9 @@ tests use, nats-server with JetStream file storage, `cosmo decontaminate-worker`
 killed with SIGKILL while they hold a task (or killing themselves on one range every time), and
 nats-server restarted under a worker. The reference for every merged output is
 `cosmo decontaminate` (`decontaminate_dataset`) on the same input in one process: same kept and
-removed rows, same report.json bytes, same report.md.
+removed rows, same report.json bytes, same report.md. On a real S3 server (moto), the waiting
+submitter's look at the partials may meet the finalizer removing them, and a file written after a
+process listed its folder is still read.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -35,6 +38,7 @@ from cosmoforge.postprocess.decontam import worker as task_worker
 from cosmoforge.postprocess.decontam.plan import Plan, Settings
 from cosmoforge.postprocess.stages import decontaminate_dataset
 from cosmoforge.queue import EmbeddedNats, topology
+from cosmoforge.storage import RunStore
 from processes import COSMO
 
 DATA = Path(__file__).parents[1] / "data" / "benchmarks"
@@ -110,6 +114,45 @@ def run_tasks_here(plan: Plan, order: list[int]) -> None:
     with decontam.Checker(tasks.build_index(plan.settings), workers=1) as checker:
         for number in order:
             tasks.run_task(plan, plan.tasks[number], checker)
+
+
+# --- on S3, while other processes write and remove the plan's files ------------------------------
+
+
+def test_listing_partials_while_the_finalizer_removes_them_is_no_error(
+    tmp_path: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_dataset(tmp_path / "dataset", files=1, rows=40)
+    out = f"s3://{s3_bucket}/run/decontam"
+    plan = plans.store_plan(plans.make_plan(str(tmp_path / "dataset"), out, SETTINGS, rows_per_task=20))
+    run_tasks_here(plan, [0, 1])
+    assert plans.finished_tasks(plan) == {"t000000", "t000001"}
+
+    fs = plans.out_store(out).fs  # the process's one S3 filesystem, shared by every store
+    listing = fs.ls
+    finalized: list[dict[str, Any]] = []
+
+    def finalized_first(path: str, *args: Any, **kwargs: Any) -> Any:
+        # The worker finalizes between the waiter's look at the folder and its listing.
+        if path.rstrip("/").endswith(plan.nonce) and not finalized:
+            monkeypatch.setattr(fs, "ls", listing)
+            finalized.append(tasks.finalize(plan))
+        return listing(path, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "ls", finalized_first)
+    assert plans.finished_tasks(plan) == set()
+    assert finalized and plans.is_done(plan)
+    assert plans.task_errors(plan) == {}
+    assert tasks.read_report(plan) == finalized[0]
+
+
+def test_a_file_written_after_this_process_listed_its_folder_is_read(s3_bucket: str) -> None:
+    store = RunStore.open(f"s3://{s3_bucket}/runs", "ns/run")
+    store.write_text("decontam/tasks/plan.json", "{}")
+    assert store.fs.ls(store.path("decontam/tasks"), detail=False)  # the listing is now cached
+    boto3.client("s3").put_object(Bucket=s3_bucket, Key="runs/ns/run/decontam/tasks/done.json", Body=b"{}")
+    assert store.read_text("decontam/tasks/done.json") == "{}"
+    assert store.read_text("decontam/tasks/missing.json") is None
 
 
 # --- without a queue: plan, partials, merge ------------------------------------------------------

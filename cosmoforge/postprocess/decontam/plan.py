@@ -288,10 +288,13 @@ def _listed(plan: Plan, suffix: str) -> dict[str, str]:
     store = out_store(plan.out)
     folder = store.path(TASKS, plan.nonce)
     store.fs.invalidate_cache(folder)
-    if not store.fs.exists(folder):
+    try:
+        # One listing, no exists() before it: the plan's finalizer removes the folder at any moment.
+        listing = store.fs.ls(folder, detail=False)
+    except FileNotFoundError:
         return {}
     found = {}
-    for path in store.fs.ls(folder, detail=False):
+    for path in listing:
         name = path.rstrip("/").rsplit("/", 1)[-1]
         if name.endswith(f".{suffix}"):
             found[name.removesuffix(f".{suffix}")] = path
