@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -202,6 +202,45 @@ def read_rows(file: TableFile, start: int, stop: int, fs: Any = None) -> pa.Tabl
                 return parquet.schema_arrow.empty_table()
             table = parquet.read_row_groups(wanted)
         return table.slice(start - first, stop - start)
+
+
+# --- a rank's share of the rows ------------------------------------------------------------------
+# Ranks cut the input by rows, not by files, so every rank is equally busy whatever the number and
+# size of the files; dedup's and tokenization's ranks cut it the same way.
+
+
+def row_share(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows [start, stop), counted across the files in order, that `rank` of `world_size` takes."""
+    return total * rank // world_size, total * (rank + 1) // world_size
+
+
+def file_ranges(file_rows: Sequence[int], start: int, stop: int) -> list[tuple[int, int, int]]:
+    """(file index, first row, stop row) of every file that overlaps the rows [start, stop)."""
+    ranges = []
+    offset = 0
+    for index, rows in enumerate(file_rows):
+        first, last = max(start - offset, 0), min(stop - offset, rows)
+        if first < last:
+            ranges.append((index, first, last))
+        offset += rows
+    return ranges
+
+
+def rank_pieces(file_rows: Sequence[int], rank: int, world_size: int) -> list[tuple[int, int, int]]:
+    """(file index, first row, stop row) pieces of `rank`'s contiguous share of all the rows."""
+    return file_ranges(file_rows, *row_share(sum(file_rows), rank, world_size))
+
+
+def row_groups_covering(group_rows: Sequence[int], start: int, stop: int) -> tuple[list[int], int]:
+    """The row groups holding rows [start, stop) of a file, and the file row their first one starts at."""
+    groups: list[int] = []
+    first = offset = 0
+    for group, rows in enumerate(group_rows):
+        if offset < stop and offset + rows > start:
+            first = first if groups else offset
+            groups.append(group)
+        offset += rows
+    return groups, first
 
 
 def text_type(schema: pa.Schema, field: str) -> pa.DataType:

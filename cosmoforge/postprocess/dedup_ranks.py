@@ -79,19 +79,6 @@ def step_world_size(step: str, ranks: int, buckets: int) -> int:
 # pure helpers -------------------------------------------------------------------------------------
 
 
-def row_ranges(file_rows: Sequence[int], rank: int, world: int) -> list[tuple[int, int, int]]:
-    """(file index, start, stop) pieces of rank `rank`'s contiguous share of all rows."""
-    total = sum(file_rows)
-    low, high = total * rank // world, total * (rank + 1) // world
-    pieces, offset = [], 0
-    for index, rows in enumerate(file_rows):
-        start, stop = max(low, offset), min(high, offset + rows)
-        if start < stop:
-            pieces.append((index, start - offset, stop - offset))
-        offset += rows
-    return pieces
-
-
 def hash_records(digests: Sequence[bytes], rows: np.ndarray) -> np.ndarray:
     """Content hashes as sortable records (two 64-bit halves and the row they belong to)."""
     records = np.empty(len(digests), dtype=_HASHES)
@@ -339,7 +326,7 @@ def open_share(input_uri: str, rank: int, world: int) -> Share:
     fs, files = tables.list_files(input_uri)
     if all(file.format == "parquet" for file in files):
         schema, rows = _parquet_footers(fs, files)
-        pieces = row_ranges(rows, rank, world)
+        pieces = tables.rank_pieces(rows, rank, world)
         batches = (
             batch
             for index, start, stop in pieces

@@ -16,13 +16,10 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from cosmoforge.tables import row_share
 from cosmoforge.training import TrainingError
-
-if TYPE_CHECKING:
-    pass
-
 from cosmoforge.training.tokenize import (
     METRICS_FILE,
     SAVE_FILENAME,
@@ -37,7 +34,6 @@ from cosmoforge.training.tokenize import (
     is_local,
     prepare,
     read_metrics,
-    row_share,
     tokenizer_file,
     tokenizer_info,
     tokens_by_group,

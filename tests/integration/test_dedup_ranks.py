@@ -27,10 +27,10 @@ from cosmoforge.postprocess.dedup_ranks import (
     STEPS,
     WORK,
     node_keys,
-    row_ranges,
     step_world_size,
     without_copies,
 )
+from cosmoforge.tables import rank_pieces
 
 VOCABULARY = (
     "river mountain lantern orchard copper violin harbor meadow glacier pepper saddle thunder "
@@ -131,9 +131,9 @@ def test_step_world_sizes() -> None:
 
 
 def test_row_ranges_cut_the_rows_into_contiguous_shares() -> None:
-    shares = [row_ranges([5, 0, 4], rank, 3) for rank in range(3)]
+    shares = [rank_pieces([5, 0, 4], rank, 3) for rank in range(3)]
     assert shares == [[(0, 0, 3)], [(0, 3, 5), (2, 0, 1)], [(2, 1, 4)]]
-    assert row_ranges([2], 0, 3) == [] and row_ranges([2], 2, 3) == [(0, 1, 2)]
+    assert rank_pieces([2], 0, 3) == [] and rank_pieces([2], 2, 3) == [(0, 1, 2)]
 
 
 def test_exact_copies_leave_the_pairs_datatrove_gives_without_them() -> None:

@@ -23,14 +23,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from cosmoforge.cli.main import main as cosmo
+from cosmoforge.tables import file_ranges, row_groups_covering, row_share
 from cosmoforge.training.cpu_train import TrainConfig, token_windows
-from cosmoforge.training.tokenize import (
-    file_ranges,
-    read_metrics,
-    row_groups_covering,
-    row_share,
-    tokenize_dataset,
-)
+from cosmoforge.training.tokenize import read_metrics, tokenize_dataset
 from cosmoforge.training.tokenize_ranks import WORK_FOLDER, step_world_size
 
 DATA = Path(__file__).parents[1] / "data" / "training"
