@@ -190,14 +190,7 @@ def read_rows(file: TableFile, start: int, stop: int, fs: Any = None) -> pa.Tabl
 
         with fs.open(file.path, "rb") as handle:
             parquet = pq.ParquetFile(handle)
-            wanted: list[int] = []
-            first = offset = 0
-            for group in range(parquet.metadata.num_row_groups):
-                rows = parquet.metadata.row_group(group).num_rows
-                if offset < stop and offset + rows > start:
-                    first = offset if not wanted else first
-                    wanted.append(group)
-                offset += rows
+            wanted, first = row_groups_covering(group_sizes(parquet), start, stop)
             if not wanted:
                 return parquet.schema_arrow.empty_table()
             table = parquet.read_row_groups(wanted)
@@ -229,6 +222,28 @@ def file_ranges(file_rows: Sequence[int], start: int, stop: int) -> list[tuple[i
 def rank_pieces(file_rows: Sequence[int], rank: int, world_size: int) -> list[tuple[int, int, int]]:
     """(file index, first row, stop row) pieces of `rank`'s contiguous share of all the rows."""
     return file_ranges(file_rows, *row_share(sum(file_rows), rank, world_size))
+
+
+def group_sizes(parquet: Any) -> list[int]:
+    """The rows in each row group of an open `pyarrow.parquet.ParquetFile`."""
+    return [parquet.metadata.row_group(group).num_rows for group in range(parquet.metadata.num_row_groups)]
+
+
+def parquet_range(
+    parquet: Any, start: int, stop: int, batch_rows: int, columns: list[str] | None = None
+) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """(file row of its first row, batch) for rows [start, stop) of an open parquet file, at most
+    `batch_rows` at a time; only the row groups holding them are read."""
+    groups, position = row_groups_covering(group_sizes(parquet), start, stop)
+    if not groups:
+        return
+    for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns):
+        low, high = max(start - position, 0), min(stop - position, batch.num_rows)
+        if low < high:
+            yield position + low, batch.slice(low, high - low)
+        position += batch.num_rows
+        if position >= stop:
+            return
 
 
 def row_groups_covering(group_rows: Sequence[int], start: int, stop: int) -> tuple[list[int], int]:

@@ -13,11 +13,11 @@ message and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
 from cosmoforge.cli.grpcauth import server_options, server_security
+from cosmoforge.cli.options import RankError, add_rank, add_run_location, job_rank
 
 DEFAULT_GROUP_FIELD = "seed_source"  # repeated from cosmoforge.postprocess.stages to keep --help import-light
 
@@ -105,13 +105,7 @@ def _register_submit(subparsers: Any) -> None:
         "ones are. With --wait, a range whose worker died on each of its --max-deliver deliveries "
         "fails the command; the run's task stream is removed once the outputs are written.",
     )
-    parser.add_argument("--out", required=True, help="the run's output URI (parent of the run folder)")
-    parser.add_argument(
-        "--run",
-        required=True,
-        help="run key (<namespace>/<name> for an operator run, else the name); "
-        "the spec is read from <out>/<run>/spec.yaml",
-    )
+    add_run_location(parser)
     parser.add_argument(
         "--nats", help="NATS URL (JetStream enabled); with --spawn, default: an embedded server"
     )
@@ -212,12 +206,7 @@ def _register_dedup(subparsers: Any) -> None:
         help="ranks of this step: N for signatures and filter, --buckets for buckets, 1 for cluster and "
         "finish (default: those, N=1 for signatures and the signatures' N for filter)",
     )
-    parser.add_argument(
-        "--rank",
-        type=int,
-        default=None,
-        help="this pod's rank (default: $JOB_COMPLETION_INDEX, else 0)",
-    )
+    add_rank(parser, "--step")
     parser.set_defaults(func=run_dedup)
 
 
@@ -378,7 +367,7 @@ def run_dedup(args: argparse.Namespace) -> int:
         if args.workers < 1:
             raise dedup.DedupError(f"--workers must be at least 1, got {args.workers}")
         if args.step:
-            rank = _rank(args.rank)
+            rank = job_rank(args.rank)
             counts = dedup_ranks.run_step(
                 args.step, args.input, args.out, config, rank, args.world_size, args.text_field
             )
@@ -387,7 +376,7 @@ def run_dedup(args: argparse.Namespace) -> int:
                 return 0
         else:
             counts = dedup_dataset(args.input, args.out, config, args.text_field, args.workers)
-    except (TableError, dedup.DedupError, OSError) as error:
+    except (TableError, dedup.DedupError, RankError, OSError) as error:
         return _fail("dedup", error)
     print(
         f"{counts['documents']} documents: kept {counts['kept']}, "
@@ -395,15 +384,3 @@ def run_dedup(args: argparse.Namespace) -> int:
         f"{counts['removed_minhash']} near duplicates in {counts['clusters']} clusters; wrote {args.out}"
     )
     return 0
-
-
-def _rank(given: int | None) -> int:
-    """The pod's rank: --rank, else the index Kubernetes gives each pod of an Indexed Job."""
-    from cosmoforge.postprocess.dedup import DedupError
-
-    if given is not None:
-        return given
-    index = os.environ.get("JOB_COMPLETION_INDEX", "0")
-    if not index.isdigit():
-        raise DedupError(f"JOB_COMPLETION_INDEX is {index!r}, not a rank")
-    return int(index)

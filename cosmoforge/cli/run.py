@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cosmoforge.cli.options import add_run_location
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("validate", help="check a GenerationRun file; one line per problem")
@@ -41,13 +43,7 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser("worker", help="a generator worker: JetStream -> inference -> shards")
     p.add_argument("--nats", required=True, help="NATS URL")
-    p.add_argument("--out", required=True, help="the run's output URI (parent of the run folder)")
-    p.add_argument(
-        "--run",
-        required=True,
-        help="run key (<namespace>/<name> for an operator run, else the name); "
-        "the spec is read from <out>/<run>/spec.yaml",
-    )
+    add_run_location(p)
     p.add_argument("--endpoint", required=True, help="inference server base URL")
     p.add_argument("--worker-id")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")

@@ -8,9 +8,10 @@ stay inside the command functions so `cosmo --help` stays fast.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
+
+from cosmoforge.cli.options import RankError, add_rank, job_rank, positive
 
 DEFAULT_TOKENIZER = "HuggingFaceTB/cosmo2-tokenizer"
 
@@ -33,7 +34,7 @@ def _tokenize(args: argparse.Namespace) -> int:
                 args.dataset,
                 args.out,
                 tokenizer=args.tokenizer,
-                rank=_rank(args.rank),
+                rank=job_rank(args.rank),
                 world_size=args.world_size,
                 text_field=args.text_field,
                 eos_token=args.eos_token,
@@ -66,7 +67,7 @@ def _tokenize(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 overwrite=args.overwrite,
             )
-    except TrainingError as error:
+    except (TrainingError, RankError) as error:
         return _fail("tokenize", error)
     print(
         f"{result.documents} documents -> {result.tokens} tokens in {len(result.files)} file(s) "
@@ -75,18 +76,6 @@ def _tokenize(args: argparse.Namespace) -> int:
     for group, counts in result.tokens_by.items():
         print(f"  tokens by {group}: " + ", ".join(f"{name}={count}" for name, count in counts.items()))
     return 0
-
-
-def _rank(given: int | None) -> int:
-    """--rank, else the index Kubernetes gives each pod of an Indexed Job, else 0."""
-    from cosmoforge.training import TrainingError
-
-    if given is not None:
-        return given
-    index = os.environ.get("JOB_COMPLETION_INDEX", "0")
-    if not index.isdigit():
-        raise TrainingError(f"JOB_COMPLETION_INDEX={index!r} is not a rank: pass --rank")
-    return int(index)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -153,21 +142,14 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
-
-
 def register(subparsers: Any) -> None:
+    _register_tokenize(subparsers)
+    _register_train(subparsers)
+    _register_evaluate(subparsers)
+    _register_convert(subparsers)
+
+
+def _register_tokenize(subparsers: Any) -> None:
     tokenize = subparsers.add_parser(
         "tokenize",
         help="tokenize a parquet dataset into nanotron/datatrove token files",
@@ -185,7 +167,7 @@ def register(subparsers: Any) -> None:
     tokenize.add_argument(
         "--eos-token", default=None, help="end-of-text token (default: found in the vocabulary)"
     )
-    tokenize.add_argument("--workers", type=_positive, default=1, help="parallel tokenizer processes")
+    tokenize.add_argument("--workers", type=positive, default=1, help="parallel tokenizer processes")
     tokenize.add_argument("--seed", type=int, default=42, help="document shuffling seed")
     tokenize.add_argument("--overwrite", action="store_true", help="replace token files already in --out")
     tokenize.add_argument(
@@ -195,17 +177,13 @@ def register(subparsers: Any) -> None:
         help="run as ranks of a job: `tokenize` on every rank, then `merge` once (default: one process)",
     )
     tokenize.add_argument(
-        "--world-size", type=_positive, default=1, metavar="N", help="number of tokenize ranks (with --step)"
+        "--world-size", type=positive, default=1, metavar="N", help="number of tokenize ranks (with --step)"
     )
-    tokenize.add_argument(
-        "--rank",
-        type=_non_negative,
-        default=None,
-        metavar="R",
-        help="this rank, 0..N-1, for --step tokenize (default: $JOB_COMPLETION_INDEX, else 0)",
-    )
+    add_rank(tokenize, "--step tokenize")
     tokenize.set_defaults(func=_tokenize)
 
+
+def _register_train(subparsers: Any) -> None:
     train = subparsers.add_parser(
         "train",
         help="train a small Llama on token files, on the CPU or one GPU",
@@ -216,21 +194,21 @@ def register(subparsers: Any) -> None:
         "--out", required=True, metavar="DIR", help="folder or URI for checkpoint, loss log and plot"
     )
     train.add_argument("--preset", default="tiny", choices=["tiny", "small", "1b"])
-    train.add_argument("--steps", type=_positive, default=200)
-    train.add_argument("--batch-size", type=_positive, default=8, help="sequences per step")
-    train.add_argument("--seq-len", type=_positive, default=256, help="tokens per sequence")
+    train.add_argument("--steps", type=positive, default=200)
+    train.add_argument("--batch-size", type=positive, default=8, help="sequences per step")
+    train.add_argument("--seq-len", type=positive, default=256, help="tokens per sequence")
     train.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     train.add_argument("--warmup", type=int, default=10, help="linear warmup steps")
     train.add_argument("--seed", type=int, default=42)
     train.add_argument(
         "--checkpoint-every",
-        type=_positive,
+        type=positive,
         default=None,
         metavar="STEPS",
         help="steps between resume states in --out (default: a tenth of --steps); "
         "a rerun with the same --out and settings continues from the last one",
     )
-    train.add_argument("--threads", type=_positive, default=None, help="torch threads (default: 1 for tiny)")
+    train.add_argument("--threads", type=positive, default=None, help="torch threads (default: 1 for tiny)")
     train.add_argument(
         "--device",
         default="auto",
@@ -245,6 +223,8 @@ def register(subparsers: Any) -> None:
     )
     train.set_defaults(func=_train)
 
+
+def _register_evaluate(subparsers: Any) -> None:
     evaluate = subparsers.add_parser(
         "evaluate",
         help="score a checkpoint on ARC, OpenBookQA, MMLU, PIQA, HellaSwag, SIQA, WinoGrande, BoolQ",
@@ -257,16 +237,18 @@ def register(subparsers: Any) -> None:
         "--out", required=True, metavar="DIR", help="folder or URI for results.md and results.json"
     )
     evaluate.add_argument("--tasks", default=None, help="comma-separated task names (default: all nine)")
-    evaluate.add_argument("--max-samples", type=_positive, default=None, help="samples per task")
+    evaluate.add_argument("--max-samples", type=positive, default=None, help="samples per task")
     evaluate.add_argument(
         "--data-dir",
         default=None,
         help="local task data, one folder per task (default: the Hugging Face Hub)",
     )
-    evaluate.add_argument("--batch-size", type=_positive, default=8)
+    evaluate.add_argument("--batch-size", type=positive, default=8)
     evaluate.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]", help="where the model runs")
     evaluate.set_defaults(func=_evaluate)
 
+
+def _register_convert(subparsers: Any) -> None:
     convert = subparsers.add_parser(
         "convert-checkpoint",
         help="convert a nanotron checkpoint to the transformers format, for `cosmo evaluate`",

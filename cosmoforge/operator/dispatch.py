@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import nats
@@ -24,36 +25,29 @@ from cosmoforge.queue.state import QueueState
 from cosmoforge.spec.model import GenerationRun
 
 
-async def register_run(target: str, spec_yaml: str) -> dict[str, Any]:
-    """Hand the run to the dispatcher: it builds and queues the prompts; a known run resumes."""
+async def _ask(target: str, call: Callable[[Any], Awaitable[Mapping[str, Any]]]) -> dict[str, Any]:
+    """One call to the dispatcher on a client of its own, closed whatever the call did."""
     from cosmoforge.services.dispatcher.client import DispatcherClient
 
     client = DispatcherClient(target)
     try:
-        return dict(await client.start_run(spec_yaml))
+        return dict(await call(client))
     finally:
         await _close(client)
+
+
+async def register_run(target: str, spec_yaml: str) -> dict[str, Any]:
+    """Hand the run to the dispatcher: it builds and queues the prompts; a known run resumes."""
+    return await _ask(target, lambda client: client.start_run(spec_yaml))
 
 
 async def dispatcher_status(target: str, run: str) -> dict[str, Any]:
-    from cosmoforge.services.dispatcher.client import DispatcherClient
-
-    client = DispatcherClient(target)
-    try:
-        return dict(await client.get_status(run))
-    finally:
-        await _close(client)
+    return await _ask(target, lambda client: client.get_status(run))
 
 
 async def cancel_run(target: str, run: str) -> dict[str, Any]:
     """Stop the run at the dispatcher (its queued prompts dropped, its data kept)."""
-    from cosmoforge.services.dispatcher.client import DispatcherClient
-
-    client = DispatcherClient(target)
-    try:
-        return dict(await client.cancel(run))
-    finally:
-        await _close(client)
+    return await _ask(target, lambda client: client.cancel(run))
 
 
 async def _close(client: Any) -> None:

@@ -291,23 +291,8 @@ def _parquet_rows(
 ) -> Iterator[pa.RecordBatch]:
     """Rows [start, stop) of a parquet file, a batch at a time; only their row groups are read."""
     with _reading(file.uri), fs.open(file.path, "rb") as handle:
-        parquet = pq.ParquetFile(handle)
-        groups: list[int] = []
-        first = offset = 0
-        for group in range(parquet.metadata.num_row_groups):
-            rows = parquet.metadata.row_group(group).num_rows
-            if offset < stop and offset + rows > start:
-                first = first if groups else offset
-                groups.append(group)
-            offset += rows
-        position = first
-        for batch in parquet.iter_batches(batch_size=BATCH_ROWS, row_groups=groups) if groups else ():
-            low, high = max(start - position, 0), min(stop - position, batch.num_rows)
-            if low < high:
-                yield tables._conform(batch.slice(low, high - low), schema)
-            position += batch.num_rows
-            if position >= stop:
-                return
+        for _, batch in tables.parquet_range(pq.ParquetFile(handle), start, stop, BATCH_ROWS):
+            yield tables._conform(batch, schema)
 
 
 @dataclass(frozen=True)

@@ -477,13 +477,7 @@ def train(
         model = build_model(preset, int(tokenizer["vocab_size"]), eos, device, precision)
         optimizer = make_optimizer(model, config, device)
         schedule = make_schedule(optimizer, config)
-        rows: list[dict[str, float]] = []
-        if resumed is not None:
-            model.load_state_dict(resumed["model"])
-            optimizer.load_state_dict(resumed["optimizer"])
-            schedule.load_state_dict(resumed["schedule"])
-            rows = list(resumed["rows"])
-        first_step = int(resumed["step"]) if resumed is not None else 0
+        first_step, rows = restore(resumed, model, optimizer, schedule)
 
         started = time.perf_counter()
         seen = int(rows[-1]["tokens"]) if rows else 0
@@ -500,14 +494,7 @@ def train(
                 loss_row(step + 1, loss_value, learning_rate, seen, earlier + time.perf_counter() - started)
             )
             if (step + 1) % config.checkpoint_interval == 0 and step + 1 < config.steps:
-                state = {
-                    "config": asdict(config),
-                    "step": step + 1,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "rows": rows,
-                }
+                state = resume_state(config, step + 1, model, optimizer, schedule, rows)
                 save_resume_state(output, out, state)
                 publish_progress(output, out, rows, config.steps)
             if on_step is not None:
@@ -528,6 +515,32 @@ def train(
         )
         write_outputs(result, config, rows, out, tokens, first_step)
     return result
+
+
+def resume_state(
+    config: TrainConfig, step: int, model: Any, optimizer: Any, schedule: Any, rows: list[dict[str, float]]
+) -> dict[str, Any]:
+    """What a later call needs to continue after `step` as if it had never stopped."""
+    return {
+        "config": asdict(config),
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "rows": rows,
+    }
+
+
+def restore(
+    resumed: dict[str, Any] | None, model: Any, optimizer: Any, schedule: Any
+) -> tuple[int, list[dict[str, float]]]:
+    """Load a resume state into the fresh model, optimizer and schedule: (first step, loss rows)."""
+    if resumed is None:
+        return 0, []
+    model.load_state_dict(resumed["model"])
+    optimizer.load_state_dict(resumed["optimizer"])
+    schedule.load_state_dict(resumed["schedule"])
+    return int(resumed["step"]), list(resumed["rows"])
 
 
 def loss_row(step: int, loss: float, learning_rate: float, tokens: int, elapsed: float) -> dict[str, float]:

@@ -18,7 +18,7 @@ from datatrove.pipeline.readers import ParquetReader
 from datatrove.pipeline.tokens import DocumentTokenizer
 from fsspec.core import url_to_fs
 
-from cosmoforge.tables import rank_pieces, row_groups_covering
+from cosmoforge.tables import parquet_range, rank_pieces
 from cosmoforge.training.tokenize import STAT_PREFIX
 
 # A rank's share is read in batches of this many rows, whatever the row groups' size.
@@ -81,20 +81,11 @@ class ShareReader(PipelineStep):
     def read_range(self, fs: Any, path: str, start: int, stop: int) -> Iterator[Any]:
         with fs.open(path, "rb") as handle, pq.ParquetFile(handle) as parquet:
             present = [name for name in self.wanted if name in parquet.schema_arrow.names]
-            sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.metadata.num_row_groups)]
-            groups, offset = row_groups_covering(sizes, start, stop)
-            batches = parquet.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=groups, columns=present)
-            for batch in batches:
-                first, last = max(start - offset, 0), min(stop - offset, batch.num_rows)
-                if first < last:
-                    rows = batch.slice(first, last - first)
-                    columns = {name: rows.column(name).to_pylist() for name in present}
-                    for document in documents(columns, self.text_key, path, offset + first):
-                        self.stat_update("documents")
-                        yield document
-                offset += batch.num_rows
-                if offset >= stop:
-                    break
+            for first_row, rows in parquet_range(parquet, start, stop, READ_BATCH_ROWS, present):
+                columns = {name: rows.column(name).to_pylist() for name in present}
+                for document in documents(columns, self.text_key, path, first_row):
+                    self.stat_update("documents")
+                    yield document
 
 
 class CountingTokenizer(DocumentTokenizer):

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from cosmoforge.spec.model import TrainingSpec
+from cosmoforge.spec.model import Parallelism, TrainingSpec
 from cosmoforge.training import TrainingError
 from cosmoforge.training.presets import ModelPreset, check_sequence_length, get_preset
 
@@ -108,48 +108,17 @@ def render_config(
     vocab = padded_vocab(vocab_size or preset.vocab_size, par.tp)
     interval = checkpoint_interval or max(1, math.ceil(training.steps / 10))
     return {
-        "general": {
-            "project": "cosmoforge",
-            "run": run_name,
-            "seed": seed,
-            "step": None,
-            "consumed_train_samples": None,
-            "benchmark_csv_path": None,
-            "ignore_sanity_checks": True,
-        },
-        "parallelism": {
-            "dp": par.dp,
-            "tp": par.tp,
-            "pp": par.pp,
-            "pp_engine": "1f1b",
-            "tp_mode": "ALL_REDUCE",
-            "tp_linear_async_communication": False,
-            "recompute_granularity": None,
-            "expert_parallel_size": 1,
-        },
+        "general": _general_section(run_name, seed),
+        "parallelism": _parallelism_section(par),
         "model": _model_section(preset, vocab, eos_token_id),
         "tokenizer": {
             "tokenizer_name_or_path": training.tokenizer,
             "tokenizer_revision": None,
             "tokenizer_max_length": None,
         },
-        "checkpoints": {
-            "checkpoints_path": paths.local_checkpoints,
-            "checkpoint_interval": interval,
-            "save_initial_state": False,
-            "resume_checkpoint_path": None,
-            "checkpoints_path_is_shared_file_system": False,
-        },
+        "checkpoints": _checkpoints_section(paths, interval),
         "logging": {"log_level": "info", "log_level_replica": "info", "iteration_step_info_interval": 1},
-        "tokens": {
-            "sequence_length": training.sequence_length,
-            "train_steps": training.steps,
-            "micro_batch_size": micro,
-            "batch_accumulation_per_replica": accumulation,
-            "val_check_interval": -1,
-            "limit_val_batches": 0,
-            "limit_test_batches": 0,
-        },
+        "tokens": _tokens_section(training, micro, accumulation),
         "optimizer": _optimizer_section(training, schedule),
         # nanotron 0.2 can only tokenize HF datasets itself; the token files come through the
         # launcher instead (see the module docstring), so its own dataset entry stays empty.
@@ -163,6 +132,53 @@ def render_config(
             "metrics": paths.metrics,
             "preset": preset.name,
         },
+    }
+
+
+def _general_section(run_name: str, seed: int) -> dict[str, Any]:
+    return {
+        "project": "cosmoforge",
+        "run": run_name,
+        "seed": seed,
+        "step": None,
+        "consumed_train_samples": None,
+        "benchmark_csv_path": None,
+        "ignore_sanity_checks": True,
+    }
+
+
+def _parallelism_section(par: Parallelism) -> dict[str, Any]:
+    return {
+        "dp": par.dp,
+        "tp": par.tp,
+        "pp": par.pp,
+        "pp_engine": "1f1b",
+        "tp_mode": "ALL_REDUCE",
+        "tp_linear_async_communication": False,
+        "recompute_granularity": None,
+        "expert_parallel_size": 1,
+    }
+
+
+def _checkpoints_section(paths: DataPaths, interval: int) -> dict[str, Any]:
+    return {
+        "checkpoints_path": paths.local_checkpoints,
+        "checkpoint_interval": interval,
+        "save_initial_state": False,
+        "resume_checkpoint_path": None,
+        "checkpoints_path_is_shared_file_system": False,
+    }
+
+
+def _tokens_section(training: TrainingSpec, micro: int, accumulation: int) -> dict[str, Any]:
+    return {
+        "sequence_length": training.sequence_length,
+        "train_steps": training.steps,
+        "micro_batch_size": micro,
+        "batch_accumulation_per_replica": accumulation,
+        "val_check_interval": -1,
+        "limit_val_batches": 0,
+        "limit_test_batches": 0,
     }
 
 

@@ -18,9 +18,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fsspec.core import url_to_fs
+
 from cosmoforge.tables import row_share
 from cosmoforge.training import TrainingError
 from cosmoforge.training.tokenize import (
+    BATCH_DOCUMENTS,
     METRICS_FILE,
     SAVE_FILENAME,
     TOKENIZER_FILE,
@@ -112,7 +115,7 @@ def tokenize_rank(
     text_field: str = "text",
     eos_token: str | None = None,
     seed: int = 42,
-    batch_size: int = 10000,
+    batch_size: int = BATCH_DOCUMENTS,
     overwrite: bool = False,
 ) -> RankResult:
     """Tokenize rank `rank`'s share of `dataset` into the work folder under `output`.
@@ -121,7 +124,6 @@ def tokenize_rank(
     files are removed first, the share and the shuffle seed do not change.
     """
     from datatrove.executor import LocalPipelineExecutor
-    from fsspec.core import url_to_fs
 
     if not 0 <= rank < world_size:
         raise TrainingError(f"rank {rank} is outside the {world_size} rank(s) 0..{world_size - 1}")
@@ -226,6 +228,23 @@ def _read_marker(fs: Any, path: str) -> dict[str, Any] | None:
     return json.loads(fs.cat_file(path)) if fs.isfile(path) else None
 
 
+def _publish(fs: Any, staging: str, merged: list[str], output: str, local: bool) -> list[str]:
+    """Move the merged token files from `staging` into `output` under their final names."""
+    out_path = url_to_fs(output)[1].rstrip("/")
+    # An earlier output goes, metrics first, so that no mix of old and new is ever accepted.
+    for stale in sorted(existing_token_files(output), key=lambda p: not p.endswith(METRICS_FILE)):
+        fs.rm_file(stale)
+    files = [merged_name(index) for index in range(len(merged))]
+    for name, final in zip(merged, files, strict=True):
+        for suffix in ("", ".index", ".metadata"):
+            source_file, target = os.path.join(staging, name + suffix), f"{out_path}/{final}{suffix}"
+            if local:
+                os.replace(source_file, target)
+            else:
+                fs.put_file(source_file, target)
+    return files
+
+
 def merge_ranks(
     dataset: str,
     output: str,
@@ -241,7 +260,6 @@ def merge_ranks(
     work folder and reports the merged result.
     """
     from datatrove.pipeline.tokens import DocumentTokenizerMerger
-    from fsspec.core import url_to_fs
 
     output, dataset = absolute(output), absolute(dataset)
     info, loaded = tokenizer_info(tokenizer, eos_token)
@@ -281,17 +299,7 @@ def merge_ranks(
             raise TrainingError(
                 f"{work}: the rank files hold {sizes // info.token_size} tokens, their markers {tokens}"
             )
-        # An earlier output goes, metrics first, so that no mix of old and new is ever accepted.
-        for stale in sorted(existing_token_files(output), key=lambda p: not p.endswith(METRICS_FILE)):
-            fs.rm_file(stale)
-        files = [merged_name(index) for index in range(len(merged))]
-        for name, final in zip(merged, files, strict=True):
-            for suffix in ("", ".index", ".metadata"):
-                source_file, target = os.path.join(staging, name + suffix), f"{out_path}/{final}{suffix}"
-                if local:
-                    os.replace(source_file, target)
-                else:
-                    fs.put_file(source_file, target)
+        files = _publish(fs, staging, merged, output, local)
         fs.put_file(tokenizer_file(info, loaded, scratch), f"{out_path}/{TOKENIZER_FILE}")
     result = TokenizeResult(
         output=output,

@@ -119,3 +119,25 @@ def test_a_failed_stage_is_explained_by_its_pods_last_line() -> None:
     assert line is not None and line.endswith("x.parquet: not parquet") and "secret" not in line
     assert failure_line([pod("2026-01-01T00:00:01Z", 1, "")]) is None
     assert failure_line([]) is None
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["dedup", "in", "--out", "out", "--step", "signatures"],
+        ["tokenize", "in", "--out", "out", "--step", "tokenize"],
+    ],
+)
+def test_a_rank_is_the_pods_completion_index_and_a_bad_index_is_a_clear_error(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cosmoforge.cli.main import main
+    from cosmoforge.cli.options import job_rank
+
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "3")
+    assert job_rank(None) == 3 and job_rank(0) == 0
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "three")
+    assert main(argv) == 2  # a usage error, as argparse exits with
+    assert "JOB_COMPLETION_INDEX='three' is not a rank: pass --rank" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*argv, "--rank", "-1"])

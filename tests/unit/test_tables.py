@@ -147,3 +147,21 @@ def test_scan_streams_the_rows_and_schema_of_read_table(tmp_path: Path) -> None:
     batch = pa.record_batch({"text": pa.array([b"ok", b"\xc3\x28"], type=pa.binary())})
     with pytest.raises(TableError, match="row 41: not valid UTF-8"):
         tables.text_column(batch, "text", first_row=40)
+
+
+@pytest.mark.parametrize(("start", "stop"), [(0, 23), (3, 9), (4, 8), (7, 8), (22, 23), (5, 5)])
+def test_a_parquet_range_reads_only_its_rows_in_batches_labelled_by_file_row(
+    tmp_path: Path, start: int, stop: int
+) -> None:
+    path = tmp_path / "groups.parquet"
+    pq.write_table(
+        pa.table({"n": list(range(23)), "text": [f"t{i}" for i in range(23)]}), path, row_group_size=4
+    )
+    with pq.ParquetFile(path) as parquet:
+        assert tables.group_sizes(parquet) == [4, 4, 4, 4, 4, 3]
+        pieces = list(tables.parquet_range(parquet, start, stop, batch_rows=3, columns=["n"]))
+    assert all(batch.num_rows <= 3 and batch.schema.names == ["n"] for _, batch in pieces)
+    assert [n for _, batch in pieces for n in batch.column("n").to_pylist()] == list(range(start, stop))
+    assert [first for first, _ in pieces] == [batch.column("n")[0].as_py() for _, batch in pieces]
+    shares = [tables.rank_pieces([23, 0, 5], rank, 4) for rank in range(4)]
+    assert shares == [[(0, 0, 7)], [(0, 7, 14)], [(0, 14, 21)], [(0, 21, 23), (2, 0, 5)]]

@@ -178,6 +178,25 @@ def child_metadata(run: GenerationRun, component: str, part: str, platform: Plat
     return meta
 
 
+def deployment(
+    run: GenerationRun,
+    component: str,
+    platform: Platform,
+    replicas: int,
+    pod: dict[str, Any],
+    strategy: dict[str, Any] | None = None,
+) -> Manifest:
+    """`replicas` copies of `pod` as the run's `component`, selected by the run and component."""
+    meta = child_metadata(run, component, component, platform)
+    spec: dict[str, Any] = {
+        "replicas": replicas,
+        "selector": {"matchLabels": selector_labels(run.name, component)},
+        **({"strategy": strategy} if strategy else {}),
+        "template": {"metadata": {"labels": dict(meta["labels"])}, "spec": pod},
+    }
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": spec}
+
+
 # --- where things are ---------------------------------------------------------------------
 
 

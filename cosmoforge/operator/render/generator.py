@@ -8,16 +8,15 @@ from cosmoforge.operator.render.common import (
     Manifest,
     Platform,
     Role,
-    child_metadata,
     cosmo_container,
     cosmo_pod,
+    deployment,
     deploys_server,
     endpoint_url,
     env_var,
     output_uri,
     run_key,
     secret_env,
-    selector_labels,
 )
 from cosmoforge.spec.model import GenerationRun
 
@@ -48,19 +47,9 @@ def generator_deployment(run: GenerationRun, platform: Platform, replicas: int) 
     resources = {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}
     container = cosmo_container("generator", generator_args(run), platform, env, resources, role=Role.runtime)
     container["ports"] = [{"name": "metrics", "containerPort": METRICS_PORT}]
-    meta = child_metadata(run, "generator", "generator", platform)
     # A worker drains on SIGTERM: in-flight prompts finish or go back to the queue unacked.
     pod = cosmo_pod([container], platform, terminationGracePeriodSeconds=90)
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": meta,
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": selector_labels(run.name, "generator")},
-            "template": {"metadata": {"labels": dict(meta["labels"])}, "spec": pod},
-        },
-    }
+    return deployment(run, "generator", platform, replicas, pod)
 
 
 def generator_replicas(run: GenerationRun, server_replicas: int) -> int:

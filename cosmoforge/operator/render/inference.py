@@ -20,6 +20,7 @@ from cosmoforge.operator.render.common import (
     child_metadata,
     cosmo_container,
     cosmo_pod,
+    deployment,
     deploys_server,
     env_var,
     secret_env,
@@ -188,21 +189,11 @@ def inference_deployment(run: GenerationRun, platform: Platform, replicas: int) 
         return None
     embedded = run.spec.generation.engine == Engine.embedded
     pod = _embedded_server_pod(run, platform) if embedded else _gpu_server_pod(run, platform)
-    meta = child_metadata(run, "inference", "inference", platform)
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": meta,
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": selector_labels(run.name, "inference")},
-            # An old server goes before its replacement is created. A surge pod would need a spare
-            # GPU, which a full node does not have: it would stay Pending and stall the rollout.
-            # Meanwhile the queue holds the prompts and the generators retry, so nothing is lost.
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
-            "template": {"metadata": {"labels": dict(meta["labels"])}, "spec": pod},
-        },
-    }
+    # An old server goes before its replacement is created. A surge pod would need a spare GPU,
+    # which a full node does not have: it would stay Pending and stall the rollout. Meanwhile the
+    # queue holds the prompts and the generators retry, so nothing is lost.
+    strategy = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    return deployment(run, "inference", platform, replicas, pod, strategy)
 
 
 def inference_service(run: GenerationRun, platform: Platform) -> Manifest | None:

@@ -22,14 +22,13 @@ from cosmoforge.services.modelserver import api
 from cosmoforge.services.modelserver.engine import (
     Collected,
     Engine,
-    Finished,
     Generation,
     InvalidRequest,
     Overloaded,
     Refused,
-    Token,
     UnknownModel,
     collect,
+    streamed,
 )
 
 VALIDATION = "Input validation error"
@@ -139,25 +138,6 @@ def sse(events: AsyncIterator[dict[str, Any]], done: bool = False) -> StreamingR
             yield b"data: [DONE]\n\n"
 
     return StreamingResponse(lines(), media_type="text/event-stream")
-
-
-async def streamed(generation: Generation) -> AsyncIterator[str | Collected]:
-    """Each token's text as it comes, then the whole answer."""
-    pieces: list[str] = []
-    finished = Finished("length", 0)
-    try:
-        async for event in generation.events:
-            if isinstance(event, Token):
-                pieces.append(event.text)
-                yield event.text
-            else:
-                finished = event
-    finally:
-        await generation.events.aclose()  # a client gone mid-stream frees its slot at once
-    text = "".join(pieces)
-    yield Collected(
-        text, generation.prompt_tokens, finished.completion_tokens, finished.reason, generation.seed
-    )
 
 
 async def tgi_events(generation: Generation) -> AsyncIterator[dict[str, Any]]:

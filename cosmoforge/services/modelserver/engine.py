@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -110,19 +110,20 @@ class Engine(ABC):
         """Release the model; the server calls it on shutdown."""
 
 
-async def collect(generation: Generation) -> Collected:
-    """Drain a generation into one answer, for the routes that do not stream."""
+async def streamed(generation: Generation) -> AsyncIterator[str | Collected]:
+    """Each token's text as it comes, then the whole answer."""
     pieces: list[str] = []
     finished = Finished("length", 0)
     try:
         async for event in generation.events:
             if isinstance(event, Token):
                 pieces.append(event.text)
+                yield event.text
             else:
                 finished = event
     finally:
-        await generation.events.aclose()
-    return Collected(
+        await generation.events.aclose()  # a client gone mid-stream frees its slot at once
+    yield Collected(
         text="".join(pieces),
         prompt_tokens=generation.prompt_tokens,
         completion_tokens=finished.completion_tokens,
@@ -130,6 +131,14 @@ async def collect(generation: Generation) -> Collected:
         seed=generation.seed,
         pieces=pieces,
     )
+
+
+async def collect(generation: Generation) -> Collected:
+    """Drain a generation into one answer, for the routes that do not stream."""
+    async for item in streamed(generation):
+        if isinstance(item, Collected):
+            return item
+    raise RuntimeError("a generation ended without its answer")
 
 
 class Refused(Exception):
