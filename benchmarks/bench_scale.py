@@ -1,7 +1,7 @@
 """Peak memory and throughput of the data stages as a run grows: does memory stay flat?
 
 Run: `python benchmarks/bench_scale.py [--docs 100000,1000000] [--stages compact,dedup,decontaminate,tokenize]
-[--workdir DIR] [--extra "dedup=--workers 2"]`
+[--ranks 4] [--workdir DIR] [--extra "dedup=--workers 2"]`  (stages also: dedup-ranks, tokenize-ranks)
 
 For each size a synthetic run folder is written once (and reused from `--workdir` afterwards):
 generation shards of 1,000-5,000 rows in the workers' schema (`cosmoforge.spec.records`), ~3 KB
@@ -10,7 +10,10 @@ lineage columns as workers write them, and about 3% of the prompts delivered twi
 shards. Each stage then runs as its own `cosmo` child process: its peak RSS comes from the
 kernel (`os.wait4`), so nothing polls and nothing is missed. `compact` compacts the run folder;
 `dedup`, `decontaminate` and `tokenize` read the compacted dataset with their single-process
-defaults (flags such as `--world-size N --rank R` can be added per stage with `--extra`).
+defaults; `dedup-ranks` and `tokenize-ranks` run the same work as the operator's Indexed Jobs do
+(`--ranks` ranks a step, every rank a process of its own, one after another), and report the
+largest peak of one rank and the wall time ranks side by side would take. Single-process dedup
+holds the whole input by design (it is the laptop path); the ranked stages are the cluster's.
 
 Prints one row per stage and size (peak RSS MB, seconds, documents/s), then per stage the ratio
 of the peak at the largest size to the peak at the smallest, against the goal of 1.25: a stage
@@ -24,6 +27,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -187,11 +191,61 @@ def tokenize(root: Path, workdir: Path, docs: int, extra: list[str]) -> Measured
     return measure("tokenize", docs, [*command, "--overwrite", *extra])
 
 
+def ranked(stage: str, docs: int, steps: list[tuple[str, list[list[str]]]]) -> Measured:
+    """Each step's ranks one after another, each rank a process as each is a pod on a cluster.
+
+    The peak is the largest one rank reached; the seconds are, step by step, those of the slowest
+    rank: the wall time when a step's ranks run side by side on their own nodes.
+    """
+    peak = seconds = 0.0
+    for step, commands in steps:
+        runs = [measure(f"{stage} {step}", docs, command) for command in commands]
+        slowest, largest = max(r.seconds for r in runs), max(r.peak_mb for r in runs)
+        line = f"  {stage} {step}: {len(runs)} rank(s), largest {largest:.0f} MB, slowest {slowest:.1f} s"
+        print(line, flush=True)
+        peak, seconds = max(peak, largest), seconds + slowest
+    return Measured(stage, docs, peak, seconds)
+
+
+def dedup_ranks(root: Path, workdir: Path, docs: int, extra: list[str]) -> Measured:
+    """`cosmo dedup --step` as the operator's Indexed Jobs run it, with `--ranks` ranks."""
+    out = workdir / f"dedup-ranks-{docs}"
+    shutil.rmtree(out, ignore_errors=True)
+    base = [*COSMO, "dedup", str(root / "dataset"), "--out", str(out), *extra]
+    # One buckets rank per MinHash band (`--buckets`, 14 unless --extra says otherwise).
+    plan = [("signatures", RANKS), ("buckets", None), ("cluster", 1), ("filter", RANKS), ("finish", 1)]
+    steps = []
+    for step, world in plan:
+        count = world or int(_flag(extra, "--buckets", "14"))
+        sized = ["--world-size", str(world)] if world else []
+        steps.append((step, [[*base, "--step", step, *sized, "--rank", str(r)] for r in range(count)]))
+    return ranked("dedup-ranks", docs, steps)
+
+
+def tokenize_ranks(root: Path, workdir: Path, docs: int, extra: list[str]) -> Measured:
+    """`cosmo tokenize --step` as the operator's Indexed Job and merge Job run it."""
+    out = workdir / f"tokens-ranks-{docs}"
+    shutil.rmtree(out, ignore_errors=True)
+    base = [*COSMO, "tokenize", str(root / "dataset"), "--out", str(out), "--tokenizer", str(TOKENIZER)]
+    base += extra
+    world = ["--world-size", str(RANKS)]
+    ranks = [[*base, "--step", "tokenize", *world, "--rank", str(r)] for r in range(RANKS)]
+    merge = [[*base, "--step", "merge", *world]]
+    return ranked("tokenize-ranks", docs, [("tokenize", ranks), ("merge", merge)])
+
+
+def _flag(flags: list[str], name: str, default: str) -> str:
+    return flags[flags.index(name) + 1] if name in flags else default
+
+
+RANKS = 4  # set by --ranks
 STAGES: dict[str, Callable[[Path, Path, int, list[str]], Measured]] = {
     "compact": compact,
     "dedup": dedup,
+    "dedup-ranks": dedup_ranks,
     "decontaminate": decontaminate,
     "tokenize": tokenize,
+    "tokenize-ranks": tokenize_ranks,
 }
 
 
@@ -237,7 +291,10 @@ def main() -> None:
     parser.add_argument(
         "--extra", action="append", default=[], metavar="STAGE=FLAGS", help="more flags for a stage"
     )
+    parser.add_argument("--ranks", type=int, default=4, help="ranks of dedup-ranks and tokenize-ranks")
     args = parser.parse_args()
+    global RANKS
+    RANKS = args.ranks
     sizes = sorted(int(n) for n in args.docs.split(","))
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]

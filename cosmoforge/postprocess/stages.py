@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cosmoforge import tables
@@ -157,15 +158,16 @@ def dedup_dataset(
             f"input already has column(s) {', '.join(clash)}; was it deduplicated before?"
         )
     result = dedup.deduplicate(texts, config, workers=workers)
-    removed_rows = pa.array([row for row in range(len(texts)) if not result.kept[row]], type=pa.int64())
-    removed = table.take(removed_rows)
-    rows = removed_rows.to_pylist()
+    kept_mask = pa.array(result.kept, type=pa.bool_())
+    # filter, not take: take concatenates a string column's chunks, past 2 GB an offset overflow.
+    removed = table.filter(pc.invert(kept_mask))
+    rows = [row for row in range(len(texts)) if not result.kept[row]]
     removed = removed.append_column(
         "dedup_reason", pa.array([result.reason[r] for r in rows], type=pa.string())
     )
     removed = removed.append_column("dedup_cluster", pa.array(result.cluster[rows], type=pa.int64()))
     removed = removed.append_column("dedup_kept_row", pa.array(result.kept_row[rows], type=pa.int64()))
-    kept = table.filter(pa.array(result.kept))
+    kept = table.filter(kept_mask)
     _write_outputs(
         out,
         {
