@@ -137,6 +137,7 @@ _UNREACHABLE = {
     "EndpointConnectionError",
     "ConnectTimeoutError",
     "ConnectError",
+    "ConnectionError",  # requests' own, which is not the builtin one
     "ConnectTimeout",
     "ReadTimeout",
     "OfflineModeIsEnabled",
@@ -145,6 +146,8 @@ _UNREACHABLE = {
     "NameResolutionError",
     "MaxRetryError",
 }
+# A status code as a word: "port=40191" in a refused connection's message is not a 401.
+_DENIED_STATUS = re.compile(r"\b(401|403)\b")
 
 
 def unreadable_reason(error: BaseException) -> str:
@@ -156,7 +159,11 @@ def unreadable_reason(error: BaseException) -> str:
         current = current.__cause__ or current.__context__
     names = {cls.__name__ for exc in chain for cls in type(exc).__mro__}
     texts = " ".join(str(exc) for exc in chain)
-    if names & _NO_ACCESS or any(isinstance(e, PermissionError) for e in chain) or "401" in texts:
+    if (
+        names & _NO_ACCESS
+        or any(isinstance(e, PermissionError) for e in chain)
+        or _DENIED_STATUS.search(texts)
+    ):
         reason = "no credentials or access denied"
     elif names & _UNREACHABLE or any(isinstance(e, ConnectionError | TimeoutError) for e in chain):
         reason = "unreachable"

@@ -13,7 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import COSMO, small_run, write_spec
-from cosmoforge.prompts.seeds import SeedCounts, SeedError, detect_format, read_seed, record_hash
+from cosmoforge.prompts.seeds import (
+    SeedCounts,
+    SeedError,
+    detect_format,
+    read_seed,
+    record_hash,
+    unreadable_reason,
+)
 from cosmoforge.spec.model import SeedSource
 
 TURN = pa.struct([("from", pa.string()), ("value", pa.string()), ("weight", pa.float64())])
@@ -218,6 +225,20 @@ def test_unreachable_s3_endpoint_and_missing_file_are_one_line(
     assert message.startswith("seed 's' (s3://seeds/hermes.parquet): unreachable (") and "\n" not in message
     with pytest.raises(SeedError, match=r"^seed 's': .*absent.parquet: no such file or folder$"):
         list(read_seed(source(str(tmp_path / "absent.parquet"))))
+
+
+def test_a_status_code_is_read_as_a_word_not_inside_a_port_number() -> None:
+    """A refused connection to port 40191 is unreachable; an HTTP 401 or 403 is access denied."""
+    import requests
+
+    refused = requests.exceptions.ConnectionError(
+        "HTTPConnectionPool(host='127.0.0.1', port=40191): Max retries exceeded "
+        "(Caused by NewConnectionError: [Errno 111] Connection refused)"
+    )
+    assert unreadable_reason(refused).startswith("unreachable (ConnectionError: ")
+    for status in (401, 403):
+        denied = requests.exceptions.HTTPError(f"{status} Client Error: for url: https://hub/api/datasets/x")
+        assert unreadable_reason(denied).startswith("no credentials or access denied (HTTPError: ")
 
 
 def test_missing_credentials_are_one_line(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
