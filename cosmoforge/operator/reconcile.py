@@ -149,7 +149,6 @@ async def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger
     generation, conditions = _generation(body, queue_state, registered, dispatched, conditions)
     units = await _converge_workloads(body, kube, run, platform, generation, memo)
 
-    outputs.setdefault("dataset", f"{run_root(run, platform)}/dataset")
     if generation.counts.error:
         phase = Phase.failed
         conditions = set_condition(conditions, "Failed", True, "GenerationFailed", generation.counts.error)
@@ -158,6 +157,8 @@ async def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger
         phase, conditions = await advance(
             body, kube, run, platform, generation.done, outputs, conditions, logger
         )
+    if "compact" in outputs:  # named only once it exists: status never points at data to come
+        outputs["dataset"] = outputs["compact"]
     if phase in TERMINAL:
         await scale(kube, run, 0)
         units = 0

@@ -259,9 +259,8 @@ def test_namespaces_deletion_and_a_name_used_again(
                 )
                 args = generator["spec"]["template"]["spec"]["containers"][0]["args"]
                 assert args[args.index("--run") + 1] == f"{team}/twin"
-                assert (
-                    run_status(cluster, team, "twin")["outputs"]["dataset"] == f"{output}/{team}/twin/dataset"
-                )
+                # Generating: the status names no dataset before compaction has written one.
+                assert "dataset" not in run_status(cluster, team, "twin").get("outputs", {})
             store = RunStore.open(output, first)
             manifest = store.ids_in(PROMPTS)
             assert len(manifest) == a["prompts"]
