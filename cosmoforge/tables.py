@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
+import orjson
 import pyarrow as pa
 
 FORMATS = ("parquet", "jsonl", "csv", "arrow")
@@ -395,9 +396,14 @@ def _json_rows(handle: IO[bytes], source: str) -> Iterator[dict[str, Any]]:
             return
         first = False
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise TableError(f"{source}: line {number}: invalid JSON ({error.msg})") from None
+            row = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            # orjson is five times faster and strict; the standard library also reads NaN,
+            # integers past 64 bits and lone surrogates, and says what is wrong otherwise.
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise TableError(f"{source}: line {number}: invalid JSON ({error.msg})") from None
         if not isinstance(row, dict):
             raise TableError(f"{source}: line {number}: expected a JSON object")
         yield row

@@ -120,6 +120,7 @@ def test_batches_are_normalized_to_the_same_tokens_as_the_definition() -> None:
         assert tokens.counts.tolist() == [len(words) for words in expected], repr(texts)
         batch = normalization.normalized_bytes(texts).tobytes().decode("utf-8").split("\n")
         assert [part.split() for part in batch] == expected, repr(texts)
+        assert tokens.texts() == [normalize(text) for text in texts], repr(texts)  # what the index keeps
         joined = "\0".join(texts).encode("utf-8", "surrogatepass").translate(normalization._UTF8_BYTES)
         if not "".join(texts).isascii():
             folded += normalization._fold_non_ascii(np.frombuffer(joined, dtype=np.uint8).copy())[1].size == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import re
 from pathlib import Path
 
@@ -96,6 +97,19 @@ def test_problems_are_one_line_naming_the_file(
         with pytest.raises(TableError, match=re.escape(message)) as raised:
             read(str(path))
         assert str(raised.value).startswith(str(path)) and "\n" not in str(raised.value)
+
+
+def test_json_lines_read_what_the_standard_library_reads(tmp_path: Path) -> None:
+    """The fast parser refuses NaN and Infinity; such lines still read, as Python's json reads them."""
+    path = tmp_path / "scores.jsonl"
+    lines = (
+        '{"text": "a", "score": 0.5}',
+        '{"text": "b", "score": NaN}',
+        '{"text": "c", "score": -Infinity}',
+    )
+    path.write_text("\n".join(lines) + "\n")
+    scores = tables.read_table(str(path)).column("score").to_pylist()
+    assert scores[0] == 0.5 and math.isnan(scores[1]) and scores[2] == -math.inf
 
 
 def test_missing_input_unknown_format_and_empty_folder(tmp_path: Path) -> None:

@@ -118,6 +118,11 @@ class Tokens:
         start = int(self.breaks[number - 1]) + 1 if number else 0
         return " ".join(self.data[start : self.breaks[number]].tobytes().decode("utf-8").split())
 
+    def texts(self) -> list[str]:
+        """Every text, normalized, as `text` gives them: one decode for the batch."""
+        pieces = self.data.tobytes().decode("utf-8").split(chr(TEXT_END))
+        return [" ".join(piece.split()) for piece in pieces]
+
 
 def _locate(data: np.ndarray, texts: int) -> Tokens:
     """Tokens of `normalized_bytes` output holding `texts` texts."""

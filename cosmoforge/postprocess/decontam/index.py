@@ -14,7 +14,7 @@ import numpy as np
 
 from cosmoforge.postprocess.decontam.hashing import Tokens, grams, tokens_of
 from cosmoforge.postprocess.decontam.model import BenchmarkItem, Config
-from cosmoforge.postprocess.decontam.normalization import char_table, normalize
+from cosmoforge.postprocess.decontam.normalization import char_table
 
 
 @dataclass(frozen=True)
@@ -130,8 +130,8 @@ def build_index(items: Iterable[BenchmarkItem], config: Config | None = None) ->
     config = config or Config()
     items = tuple(items)
     char_table()  # before any fork, so workers share it
-    normalized = [normalize(item.text) for item in items]
     tokens = tokens_of([item.text for item in items])
+    normalized = tokens.texts() if items else []  # no text and one empty text have the same bytes
     # An item of k < n tokens is one k-gram; longer items give their n-grams.
     gram_length = np.minimum(tokens.counts, config.ngram)
     matchable = np.array([len(text) > config.min_block_chars for text in normalized], dtype=bool)
