@@ -478,10 +478,14 @@ def test_templates_that_render_pass() -> None:
     assert check_text(template) is None
 
 
+# 10**12 empty iterations: hours at any speed, with no output, so only time grows (an output this
+# size would hit the memory limit first). Two nested loops (10**8) took 4.9 s on a quiet machine
+# and passed a 5 s check.
+LOOPING = "".join(f"{{% for {name} in range(10000) %}}" for name in "abc") + "{% endfor %}" * 3
+
+
 def test_a_template_that_runs_too_long_is_stopped_and_named() -> None:
-    # No output: only time grows (an output this size would hit the memory limit first).
-    looping = "{% for a in range(10000) %}{% for b in range(10000) %}{% endfor %}{% endfor %}"
-    problems = check_isolated({"web": "{{ text }}", "math": looping, "story": "{{ text }}"}, timeout=4)
+    problems = check_isolated({"web": "{{ text }}", "math": LOOPING, "story": "{{ text }}"}, timeout=4)
     assert problems == {
         "math": "checking the template took longer than 4 s (a loop or a huge value?)",
         "story": "not checked: another template override failed its check",
@@ -672,8 +676,7 @@ def test_the_operator_fails_a_hostile_run_with_a_short_condition_and_keeps_servi
     evil["spec"]["output"] = {"uri": "s3://other-tenant/runs"}
     evil["spec"]["seeds"][0]["uri"] = "http://169.254.169.254/latest/meta-data/"
     evil["spec"]["prompts"]["templates"] = {
-        # No output: only time grows (an output this size would hit the memory limit first).
-        "web": "{% for a in range(10000) %}{% for b in range(10000) %}{% endfor %}{% endfor %}",
+        "web": LOOPING,
         "math": "{{ 9 ** 29999999 }}",
     }
 
