@@ -12,8 +12,8 @@ import io
 import json
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cosmoforge import tables
@@ -158,16 +158,15 @@ def dedup_dataset(
             f"input already has column(s) {', '.join(clash)}; was it deduplicated before?"
         )
     result = dedup.deduplicate(texts, config, workers=workers)
-    kept_mask = pa.array(result.kept, type=pa.bool_())
     # filter, not take: take concatenates a string column's chunks, past 2 GB an offset overflow.
-    removed = table.filter(pc.invert(kept_mask))
-    rows = [row for row in range(len(texts)) if not result.kept[row]]
+    removed = table.filter(pa.array(~result.kept))
+    rows = np.flatnonzero(~result.kept)
     removed = removed.append_column(
         "dedup_reason", pa.array([result.reason[r] for r in rows], type=pa.string())
     )
     removed = removed.append_column("dedup_cluster", pa.array(result.cluster[rows], type=pa.int64()))
     removed = removed.append_column("dedup_kept_row", pa.array(result.kept_row[rows], type=pa.int64()))
-    kept = table.filter(kept_mask)
+    kept = table.filter(pa.array(result.kept))
     _write_outputs(
         out,
         {
